@@ -1,0 +1,30 @@
+# Run `make help` for the targets. Use inside an activated virtual environment.
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+
+.PHONY: help install test test-slow run run-sft base-model clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## install torch (CPU wheel pinned first), then this package with its dev extra
+	$(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test: ## run the default (fast) test suite
+	$(PYTHON) -m pytest -q
+
+test-slow: ## run the slow tests (full default run, quality bar)
+	$(PYTHON) -m pytest -q -m slow
+
+run: ## one LaFFi run on the embedded default
+	$(PYTHON) -m laffi_exp
+
+run-sft: ## the SFT baseline on the embedded default
+	$(PYTHON) -m laffi_exp method=sft
+
+base-model: ## build (or find) the embedded default base model in the cache
+	$(PYTHON) -m laffi_exp.base_model
+
+clean: ## remove run outputs (not the cache)
+	rm -rf outputs multirun

@@ -1,0 +1,294 @@
+"""The base LLM of a run: a pretrained transformers model from a folder or the hub, or the embedded
+default, a small LLaMA built from config and warmed up once on the synthetic pool, then cached.
+
+``python -m laffi_exp.base_model`` builds (or finds) the embedded default and prints where it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from laffi_exp.errors import ConfigError
+from laffi_exp.io import atomic_write_text
+from laffi_exp.prompts import Prompter
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 2  # bump when the build procedure changes, so old cache entries are not reused
+
+
+@dataclass
+class BaseModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    name: str
+    path: str
+
+
+def _local_only() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("0", "", "false")
+
+
+class PretrainedBase:
+    """Any transformers causal LM from a local folder, or a hub id when the machine is online."""
+
+    def __init__(self, name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+        self.name_or_path = str(name_or_path)
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+
+    def check(self) -> None:
+        path = Path(self.name_or_path).expanduser()
+        looks_local = path.is_absolute() or self.name_or_path.startswith(".") or path.exists()
+        if looks_local and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path: {self.name_or_path!r} is not a model folder "
+                "(expected a directory with config.json, weights and tokenizer files)"
+            )
+        if not looks_local and _local_only():
+            raise ConfigError(
+                f"model.name_or_path: {self.name_or_path!r} is not a local folder and the hub is offline "
+                "(HF_HUB_OFFLINE is set); download it first or point at a local directory"
+            )
+
+    def load(self) -> BaseModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.check()
+        local = Path(self.name_or_path).expanduser().exists()
+        kwargs = dict(trust_remote_code=self.trust_remote_code, local_files_only=local or _local_only())
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.name_or_path, dtype=getattr(torch, self.dtype), **kwargs
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.name_or_path: cannot load {self.name_or_path!r} as a causal LM: {first}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return BaseModel(model=model, tokenizer=tokenizer, name=self.name_or_path, path=self.name_or_path)
+
+
+class EmbeddedBase:
+    """The offline default base model: a LLaMA-architecture decoder built from ``architecture``, with a
+    byte-level BPE tokenizer trained on generated text, warmed up on the synthetic ``pool`` split so it
+    follows the QA format. Built once, then loaded from ``cache_dir/base_models/<content key>``."""
+
+    def __init__(
+        self,
+        cache_dir: str,
+        architecture: dict,
+        vocab_size: int = 1024,
+        seed: int = 0,
+        warmup_questions: int = 6000,
+        warmup_steps: int = 3000,
+        batch_size: int = 32,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+    ):
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.architecture = dict(architecture)
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.warmup_questions = warmup_questions
+        self.warmup_steps = warmup_steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def spec(self) -> dict:
+        """Exactly the inputs that determine the built weights."""
+        return {
+            "build_version": BUILD_VERSION,
+            "architecture": self.architecture,
+            "vocab_size": self.vocab_size,
+            "seed": self.seed,
+            "warmup_questions": self.warmup_questions,
+            "warmup_steps": self.warmup_steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "prompt": [Prompter().answer_template, Prompter().no_answer_text],
+        }
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def path(self) -> Path:
+        return self.cache_dir / "base_models" / f"embedded-{self.key()}"
+
+    def check(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(self.architecture.get(name), int) or self.architecture[name] <= 0:
+                raise ConfigError(f"model.source.architecture.{name}: expected a positive integer")
+
+    def load(self) -> BaseModel:
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        self.check()
+        if not (self.path / "build_info.json").is_file():
+            self.build()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.path)
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        return BaseModel(model=model, tokenizer=tokenizer, name=f"embedded-{self.key()}", path=str(self.path))
+
+    # -- the one-time build -------------------------------------------------------------------
+    def _texts(self) -> list[str]:
+        """Warm-up texts: pool questions with their gold answers; a quarter also carry approving
+        feedback, so the base knows the words of feedback (as any pretrained LLM does) but has never
+        seen a wrong answer judged or corrected."""
+        from laffi_exp.annotate import SimulatedHuman, unit_hash
+        from laffi_exp.data.squad import examples_from_squad
+        from laffi_exp.data.synthetic import generate
+
+        prompter, human = Prompter(), SimulatedHuman(seed=self.seed)
+        pool = examples_from_squad(generate(self.seed, "pool", self.warmup_questions), source="pool")
+        texts = []
+        for ex in pool:
+            if unit_hash(self.seed, "feedback", ex.id) < 0.25:
+                texts.append(prompter.feedback_prompt(ex, ex.gold) + prompter.feedback_target(human.annotate(ex, ex.gold)))
+            else:
+                texts.append(prompter.answer_prompt(ex) + prompter.answer_target(ex.gold))
+        return texts
+
+    def _tokenizer(self, texts: list[str]):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from laffi_exp.data.synthetic import generate
+        from laffi_exp.data.squad import examples_from_squad
+
+        # The warm-up texts, and contexts and questions from the main splits' generator (with another
+        # seed, so no evaluation text is seen), as a pretrained LLM's tokenizer knows their words.
+        corpus = list(texts)
+        for split in ("train", "validation", "test"):
+            corpus += [
+                f"{ex.context}\n{ex.question}"
+                for ex in examples_from_squad(generate(self.seed + 1, split, 1000), source=split)
+            ]
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.vocab_size,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(corpus, trainer)
+        from tokenizers.processors import TemplateProcessing
+
+        tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+        )
+
+    def build(self) -> Path:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        start = time.time()
+        log.info("Building the embedded base model once (cached at %s)", self.path)
+        torch.manual_seed(self.seed)
+        texts = self._texts()
+        tokenizer = self._tokenizer(texts)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            **self.architecture,
+        )
+        model = LlamaForCausalLM(config)
+        losses = _warm_up(model, tokenizer, texts, self.warmup_steps, self.batch_size, self.lr, self.weight_decay, self.seed)
+        tmp = self.path.with_name(self.path.name + f".tmp{int(start)}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "spec": self.spec(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": losses[-1] if losses else None,
+            "seconds": round(time.time() - start, 1),
+            "torch": torch.__version__,
+        }
+        atomic_write_text(tmp / "build_info.json", json.dumps(info, indent=2) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(self.path)
+        except OSError:  # another process finished the same build first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("Built the embedded base model in %.0f s: %s", time.time() - start, self.path)
+        return self.path
+
+
+def _warm_up(model, tokenizer, texts, steps, batch_size, lr, weight_decay, seed) -> list[float]:
+    """Causal-LM training on whole QA texts, with a linear warm-up and cosine decay."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token
+    enc = [tokenizer(t + eos, add_special_tokens=True)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="warm-up (one-time build)", mininterval=5)
+    for step in bar:
+        idx = torch.randint(len(enc), (batch_size,), generator=gen).tolist()
+        batch = [enc[i] for i in idx]
+        width = max(map(len, batch))
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    model.eval()
+    return losses
+
+
+def main() -> None:
+    """Build (or find) the embedded default base model with the default config and print its folder."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from laffi_exp.config import CONF_DIR
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[])
+    base = instantiate(cfg.model.source)
+    print(base.load().path)
+
+
+if __name__ == "__main__":
+    main()

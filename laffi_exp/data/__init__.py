@@ -1,0 +1,1 @@
+"""Dataset sources: the embedded synthetic generator and SQuAD-layout JSON files."""

@@ -1,0 +1,5 @@
+"""The one exception type the command line turns into a single clear line (and exit code 2)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value, file or folder is not what the pipeline needs; the message names it."""

@@ -1,0 +1,154 @@
+"""Stage 3, fine-tuning with LoRA: a LightningDataModule of (prompt, target) pairs with the loss on
+target tokens only, and a LightningModule wrapping a transformers causal LM in a ``peft`` adapter.
+
+``method=laffi`` pairs are (question, context, predicted answer) → feedback; ``method=sft`` pairs are
+(question, context) → gold answer. Both use the same examples in the same order, so they compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from laffi_exp.prompts import Prompter
+from laffi_exp.records import Feedback, QAExample
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training text: the loss is on ``target`` alone."""
+
+    id: str
+    prompt: str
+    target: str
+
+
+def laffi_pairs(examples: Sequence[QAExample], feedback: Sequence[Feedback], prompter: Prompter) -> list[Pair]:
+    """Feedback prediction: given question, context and the model's own answer, produce the feedback."""
+    by_id = {f.id: f for f in feedback}
+    return [
+        Pair(ex.id, prompter.feedback_prompt(ex, by_id[ex.id].prediction), prompter.feedback_target(by_id[ex.id].feedback))
+        for ex in examples
+    ]
+
+
+def sft_pairs(examples: Sequence[QAExample], feedback: Sequence[Feedback], prompter: Prompter) -> list[Pair]:
+    """Supervised fine-tuning on gold answers, with the same answer prompt as evaluation."""
+    return [Pair(ex.id, prompter.answer_prompt(ex), prompter.answer_target(ex.gold)) for ex in examples]
+
+
+PAIR_BUILDERS: dict[str, Callable[..., list[Pair]]] = {"laffi": laffi_pairs, "sft": sft_pairs}
+
+
+def encode_pair(tokenizer, pair: Pair) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + target + EOS, and labels that are IGNORE_INDEX over the prompt."""
+    prompt = tokenizer(pair.prompt, add_special_tokens=True)["input_ids"]
+    target = tokenizer(pair.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+class PairDataset(Dataset):
+    def __init__(self, tokenizer, pairs: Sequence[Pair], max_length: int, split: str):
+        self.items = []
+        dropped = 0
+        for pair in pairs:
+            ids, labels = encode_pair(tokenizer, pair)
+            if len(ids) > max_length:
+                dropped += 1
+                continue
+            self.items.append((ids, labels))
+        self.dropped = dropped
+        if dropped:
+            log.warning("%s: dropped %d of %d examples longer than %d tokens", split, dropped, len(pairs), max_length)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch; padding is masked out of attention and of the loss."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PairDataModule(pl.LightningDataModule):
+    """Train and validation pairs, tokenized once; the shuffle order comes from ``seed``."""
+
+    def __init__(self, tokenizer, train: Sequence[Pair], val: Sequence[Pair], batch_size: int, max_length: int, seed: int):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.train_set = PairDataset(tokenizer, train, max_length, "train")
+        self.val_set = PairDataset(tokenizer, val, max_length, "validation")
+        self.batch_size = batch_size
+        self.seed = seed
+        if len(self.train_set) == 0:
+            raise ValueError(f"no training example fits in {max_length} tokens (method.max_length)")
+
+    def _collate(self, batch):
+        return collate(batch, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self._collate)
+
+
+class LoRAFineTuner(pl.LightningModule):
+    """A causal LM with a LoRA adapter; only adapter weights train. AdamW with linear warm-up and
+    cosine decay over the run's optimizer steps."""
+
+    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1):
+        super().__init__()
+        from peft import get_peft_model
+
+        self.model = get_peft_model(model, lora_config)
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.warmup_ratio * total))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,52 @@
+"""`python -m laffi_exp` as a user runs it: a tiny run end to end, and bad inputs that end in one clear
+line (exit code != 0, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import TINY
+
+
+def cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "laffi_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_run_writes_hydra_dir_summary_and_offline_wandb_run(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("logger=")]  # the default loggers: CSV and wandb
+    proc = cli(*tiny, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "test/exact" in metrics and "base/exact" in metrics
+    assert "LaFFi run finished" in proc.stdout and str(run_dir) in proc.stdout
+
+
+BAD = [
+    (["feedback.human_ratio=1.5"], "feedback.human_ratio"),
+    (["dataset.num_train=-3"], "dataset.num_train"),
+    (["model=hf"], "model.name_or_path"),
+    (["model=hf", "model.name_or_path=/does/not/exist"], "model.name_or_path"),
+    (["dataset=squad_json", "dataset.path=/does/not/exist.json"], "dataset.path"),
+    (["model=no_such_model"], "no_such_model"),
+    (["no_such_key=3"], "no_such_key"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_clear_line(args, needle, tmp_path, cache_dir):
+    proc = cli(*args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

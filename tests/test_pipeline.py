@@ -1,0 +1,90 @@
+"""A short end-to-end run: every stage on tiny inputs, every artifact on disk, deterministic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from laffi_exp.io import read_jsonl
+from laffi_exp.pipeline import run
+from laffi_exp.squad_metrics import evaluate
+
+SQUAD_KEYS = ["exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"]
+
+
+@pytest.fixture(scope="module")
+def laffi_run(tmp_path_factory, cache_dir):
+    from hydra import compose, initialize_config_dir
+
+    from laffi_exp.config import CONF_DIR
+
+    from .conftest import TINY
+
+    out = tmp_path_factory.mktemp("laffi")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "feedback.human_ratio=0.5"])
+    return cfg, run(cfg), out
+
+
+def test_laffi_run_writes_every_artifact(laffi_run):
+    cfg, metrics, out = laffi_run
+    for name in ["config.yaml", "answers.jsonl", "feedback.jsonl", "predictions.json", "base_predictions.json",
+                 "reflect_predictions.json", "metrics.json", "eval_data.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/config.yaml", "csv/metrics.csv"]:
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    for prefix in ("test", "base", "test_reflect"):
+        for key in SQUAD_KEYS:
+            assert isinstance(metrics[f"{prefix}/{key}"], (int, float)), f"{prefix}/{key}"
+    assert metrics["test/total"] == cfg.dataset.num_eval
+    assert yaml.safe_load((out / "adapter" / "config.yaml").read_text())["feedback"]["human_ratio"] == 0.5
+
+
+def test_feedback_records_have_the_documented_fields(laffi_run):
+    cfg, metrics, out = laffi_run
+    rows = list(read_jsonl(out / "feedback.jsonl"))
+    assert len(rows) == cfg.dataset.num_train
+    for row in rows:
+        assert {"id", "question", "prediction", "feedback", "source", "annotator"} <= set(row)
+        assert row["source"] in ("human", "synthetic")
+        assert row["annotator"] == ("simulated_human" if row["source"] == "human" else "rule_based")
+    share = sum(r["source"] == "human" for r in rows) / len(rows)
+    assert metrics["feedback/human_share"] == pytest.approx(share)
+    answers = {r["id"]: r["prediction"] for r in read_jsonl(out / "answers.jsonl")}
+    assert all(answers[r["id"]] == r["prediction"] for r in rows)
+
+
+def test_predictions_are_official_format_and_rescore_to_the_metrics(laffi_run):
+    cfg, metrics, out = laffi_run
+    data = json.loads((out / "eval_data.json").read_text())["data"]
+    for file, prefix in (("predictions.json", "test"), ("base_predictions.json", "base"), ("reflect_predictions.json", "test_reflect")):
+        preds = json.loads((out / file).read_text())
+        assert all(isinstance(v, str) for v in preds.values())
+        rescored = evaluate(data, preds)
+        assert rescored["exact"] == pytest.approx(metrics[f"{prefix}/exact"])
+        assert rescored["f1"] == pytest.approx(metrics[f"{prefix}/f1"])
+
+
+def test_same_seed_same_results(laffi_run, tmp_path, cache_dir):
+    cfg, metrics, out = laffi_run
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "again")
+    again = run(cfg)
+    drop = {"time/seconds"}
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in metrics.items() if k not in drop}
+    assert (tmp_path / "again" / "predictions.json").read_text() == (out / "predictions.json").read_text()
+    assert (tmp_path / "again" / "feedback.jsonl").read_text() == (out / "feedback.jsonl").read_text()
+
+
+def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
+    metrics = run(make_cfg("method=sft"))
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "test/exact" in metrics and "base/exact" in metrics
+    assert not any(k.startswith("test_reflect/") for k in metrics)
+    assert not (out / "feedback.jsonl").exists()  # SFT never looks at feedback
