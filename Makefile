@@ -24,7 +24,7 @@ run-sft: ## the SFT baseline on the embedded default
 	$(PYTHON) -m laffi_exp method=sft
 
 base-model: ## build (or find) the embedded default base model in the cache
-	$(PYTHON) -m laffi_exp.base_model
+	$(PYTHON) -m laffi_exp.models.embedded
 
 clean: ## remove run outputs (not the cache)
 	rm -rf outputs multirun

@@ -1,13 +1,32 @@
-"""Reading SQuAD-layout JSON (v1.1 or v2.0) into ``QAExample`` records, with schema checks that name
-the file, the question id and what was expected."""
+"""SQuAD-layout data (v2.0 or v1.1): reading a file into ``QAExample`` records with schema checks that
+name the file and the question id or JSON path, and the two SQuAD data sources of the pipeline:
+``SquadJSON`` (any one file) and ``SquadV2`` (the official files, downloaded when absent)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import random
+import urllib.request
+from http.client import HTTPException
 from pathlib import Path
+from typing import Iterator
 
 from laffi_exp.errors import ConfigError
+from laffi_exp.io import atomic_write_text
 from laffi_exp.records import QAExample
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
+TRAIN_FILE = "train-v2.0.json"
+DEV_FILE = "dev-v2.0.json"
+# md5 of the official releases (the values torchtext publishes; dev measured in shared/data/squad_v2).
+OFFICIAL_MD5 = {DEV_FILE: "246adae8b7002f8679c027697b0b7cf8", TRAIN_FILE: "62108c273c268d70893182d5cf8df740"}
+SIZE_KEYS = {"train": "num_train", "validation": "num_val", "test": "num_eval"}
+OFFLINE_VARIABLES = ("LAFFI_OFFLINE", "HF_HUB_OFFLINE")
 
 
 def load_squad_file(path: str | Path) -> dict:
@@ -19,113 +38,390 @@ def load_squad_file(path: str | Path) -> dict:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
+
+
+def _walk(squad: dict, source: str) -> Iterator[tuple[int, int, dict, str | None]]:
+    """Yield ``(article index, paragraph index, qa, problem)`` for every question in file order, where
+    ``problem`` says why its answers are unusable (None when they are fine). Raises ConfigError, naming
+    ``source`` and the question id or JSON path, on anything that breaks the SQuAD layout."""
+    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+        raise ConfigError(f"{source}: expected a JSON object with a 'data' list (SQuAD layout)")
+    seen: dict[str, str] = {}
+    for a, article in enumerate(squad["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            raise ConfigError(f"{source}: data[{a}] has no 'paragraphs' list")
+        for p, para in enumerate(article["paragraphs"]):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+                raise ConfigError(f"{source}: {where} has no 'context' string")
+            if not isinstance(para.get("qas"), list):
+                raise ConfigError(f"{source}: {where} has no 'qas' list")
+            context = para["context"]
+            for q, qa in enumerate(para["qas"]):
+                at = f"{where}.qas[{q}]"
+                qid = qa.get("id") if isinstance(qa, dict) else None
+                if not isinstance(qid, str) or not qid:
+                    raise ConfigError(f"{source}: {at}: a question has no 'id'")
+                if qid in seen:
+                    raise ConfigError(f"{source}: duplicate question id {qid!r} at {at} (first at {seen[qid]})")
+                seen[qid] = at
+                if not isinstance(qa.get("question"), str):
+                    raise ConfigError(f"{source}: question {qid!r} ({at}) has no 'question' string")
+                answers = qa.get("answers", [])
+                if not isinstance(answers, list):
+                    raise ConfigError(f"{source}: question {qid!r} ({at}): 'answers' is not a list")
+                problem = None
+                if not qa.get("is_impossible", False):
+                    for ans in answers:
+                        text = ans.get("text") if isinstance(ans, dict) else None
+                        start = ans.get("answer_start") if isinstance(ans, dict) else None
+                        if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                            raise ConfigError(f"{source}: question {qid!r} ({at}) has an answer without 'text'/'answer_start'")
+                        if problem is None and context[start : start + len(text)] != text:
+                            problem = f"answer_start {start} does not point at {text!r} in the context"
+                    if not answers and qa.get("is_impossible") is False:
+                        problem = "is_impossible is false but 'answers' is empty"
+                yield a, p, qa, problem
+
+
+def _answers(qa: dict) -> list[dict]:
+    """The gold answers of a question; [] when unanswerable (SQuAD 1.1: no is_impossible = answerable)."""
+    return [] if qa.get("is_impossible", False) else qa.get("answers", [])
 
 
 def examples_from_squad(squad: dict, source: str = "<data>") -> list[QAExample]:
     """Flatten a SQuAD JSON object into examples, in file order. Raises ConfigError on schema errors:
     missing keys, duplicate ids, or an ``answer_start`` that does not point at the answer text."""
-    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
-        raise ConfigError(f"{source}: expected a JSON object with a 'data' list (SQuAD layout)")
     examples: list[QAExample] = []
-    seen: set[str] = set()
-    for a, article in enumerate(squad["data"]):
-        title = article.get("title", f"article_{a}") if isinstance(article, dict) else None
-        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
-        if not isinstance(paragraphs, list):
-            raise ConfigError(f"{source}: data[{a}] has no 'paragraphs' list")
-        for p, para in enumerate(paragraphs):
-            where = f"{source}: data[{a}].paragraphs[{p}]"
-            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
-                raise ConfigError(f"{where} has no 'context' string")
-            if not isinstance(para.get("qas"), list):
-                raise ConfigError(f"{where} has no 'qas' list")
-            context = para["context"]
-            for qa in para["qas"]:
-                qid = qa.get("id") if isinstance(qa, dict) else None
-                if not isinstance(qid, str) or not qid:
-                    raise ConfigError(f"{where}: a question has no 'id'")
-                if qid in seen:
-                    raise ConfigError(f"{source}: duplicate question id {qid!r}")
-                seen.add(qid)
-                if not isinstance(qa.get("question"), str):
-                    raise ConfigError(f"{source}: question {qid!r} has no 'question' string")
-                answers = qa.get("answers", [])
-                if qa.get("is_impossible", False):
-                    answers = []
-                texts, starts = [], []
-                for ans in answers:
-                    text, start = ans.get("text"), ans.get("answer_start")
-                    if not isinstance(text, str) or not isinstance(start, int):
-                        raise ConfigError(f"{source}: question {qid!r} has an answer without 'text'/'answer_start'")
-                    if context[start : start + len(text)] != text:
-                        raise ConfigError(
-                            f"{source}: question {qid!r}: answer_start {start} does not point at {text!r} in the context"
-                        )
-                    texts.append(text)
-                    starts.append(start)
-                examples.append(
-                    QAExample(
-                        id=qid,
-                        title=str(title),
-                        context=context,
-                        question=qa["question"],
-                        answers=tuple(texts),
-                        answer_starts=tuple(starts),
-                    )
-                )
+    for a, p, qa, problem in _walk(squad, source):
+        if problem:
+            raise ConfigError(f"{source}: question {qa['id']!r}: {problem}")
+        article, answers = squad["data"][a], _answers(qa)
+        examples.append(
+            QAExample(
+                id=qa["id"],
+                title=str(article.get("title", f"article_{a}")),
+                context=article["paragraphs"][p]["context"],
+                question=qa["question"],
+                answers=tuple(ans["text"] for ans in answers),
+                answer_starts=tuple(ans["answer_start"] for ans in answers),
+            )
+        )
     return examples
 
 
-class SquadJSON:
-    """Any SQuAD-layout JSON file (SQuAD 2.0 or 1.1) as a pipeline data source.
+def _drop_bad_answers(squad: dict, source: str, on_bad_answer: str) -> tuple[dict, list[str]]:
+    """Check the whole file; return it without the questions whose answers do not match their context
+    (``on_bad_answer=skip``) and the ids of those questions, or raise on the first (``error``)."""
+    bad: set[tuple[int, int, str]] = set()
+    for a, p, qa, problem in _walk(squad, source):
+        if problem and on_bad_answer == "error":
+            raise ConfigError(f"{source}: question {qa['id']!r}: {problem} (dataset.on_bad_answer=skip drops such questions)")
+        if problem:
+            bad.add((a, p, qa["id"]))
+    if not bad:
+        return squad, []
+    data = []
+    for a, article in enumerate(squad["data"]):
+        paragraphs = [
+            {**para, "qas": [qa for qa in para["qas"] if (a, p, qa["id"]) not in bad]}
+            for p, para in enumerate(article["paragraphs"])
+        ]
+        data.append({**article, "paragraphs": paragraphs})
+    return {**squad, "data": data}, [qid for _, _, qid in sorted(bad)]
 
-    Train, validation and test questions come from disjoint articles of the one file (an
-    article-level split, shuffled by ``seed``); each split is then subsampled to its size.
+
+def _offline_settings() -> list[str]:
+    """The environment settings that turn downloads off, e.g. ["LAFFI_OFFLINE=1"]; [] when online."""
+    return [f"{k}={os.environ[k]}" for k in OFFLINE_VARIABLES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
+
+
+def _offline() -> bool:
+    return bool(_offline_settings())
+
+
+def download(url: str, destination: Path, timeout: float) -> dict:
+    """Fetch a SQuAD JSON file from ``url`` into ``destination`` (atomically: nothing is written unless
+    every byte arrived and parsed as JSON) and return it parsed. ``timeout`` (seconds) bounds the
+    connection and every read, so a dead server fails fast. Raises OSError on any failure."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            chunks = []
+            while chunk := response.read(1 << 20):
+                chunks.append(chunk)
+        body = b"".join(chunks)
+        if expected is not None and expected.isdigit() and len(body) != int(expected):
+            raise OSError(f"the connection closed after {len(body)} of {expected} bytes")
+        text = body.decode("utf-8")
+        squad = json.loads(text)
+    except (HTTPException, UnicodeDecodeError, ValueError) as err:  # ValueError: bad URL, or JSON
+        raise OSError(f"{type(err).__name__}: {err}") from err
+    official, md5 = OFFICIAL_MD5.get(destination.name), hashlib.md5(body).hexdigest()
+    if official and md5 != official:
+        log.warning("%s: differs from the official release (md5 %s, official %s)", url, md5, official)
+    atomic_write_text(destination, text)
+    return squad
+
+
+class _SquadSource:
+    """What the SQuAD data sources share: sizes and settings checks, reading a file (dropping and
+    counting questions with bad answers), and the article-level split with stratified subsampling.
+
+    After ``splits()``: ``chosen_ids()`` gives the question ids of each split, ``skipped`` the number of
+    questions dropped for bad answers (their ids in ``skipped_ids``), ``files`` the files read and
+    ``split_by_used`` the split made (``article`` or ``file``).
     """
 
-    def __init__(self, path: str, name: str = "squad_json", seed: int = 0, num_train: int = 1000, num_val: int = 200, num_eval: int = 600):
-        self.path = path
+    def __init__(self, name: str, seed: int, num_train: int, num_val: int, num_eval: int, on_bad_answer: str):
         self.name = name
         self.seed = seed
         self.sizes = {"train": num_train, "validation": num_val, "test": num_eval}
+        self.on_bad_answer = on_bad_answer
+        self.skipped_ids: list[str] = []
+        self.files: list[str] = []
+        self.split_by_used: str | None = None
+        self._chosen: dict[str, list[str]] | None = None
 
-    def check(self) -> None:
-        if not self.path or not Path(self.path).expanduser().is_file():
-            raise ConfigError(f"dataset.path: {self.path!r} is not a file (expected a SQuAD-layout JSON file)")
-        keys = {"train": "num_train", "validation": "num_val", "test": "num_eval"}
-        for split, n in self.sizes.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ConfigError(f"dataset.{keys[split]}: expected a positive integer, got {n!r}")
+    @property
+    def skipped(self) -> int:
+        """How many questions were dropped because their answers do not match their context."""
+        return len(self.skipped_ids)
+
+    def chosen_ids(self) -> dict[str, list[str]]:
+        """The question ids of each split (train, validation, test), in file order."""
+        if self._chosen is None:
+            self.splits()
+        return {split: list(ids) for split, ids in self._chosen.items()}
 
     def splits(self) -> dict[str, dict]:
-        import random
+        raise NotImplementedError
 
-        squad = load_squad_file(Path(self.path).expanduser())
-        examples_from_squad(squad, source=str(self.path))  # schema check of the whole file first
-        articles = list(squad["data"])
-        random.Random(f"article-split/{self.seed}").shuffle(articles)
+    def _check_settings(self) -> None:
+        for split, n in self.sizes.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ConfigError(f"dataset.{SIZE_KEYS[split]}: expected a positive integer, got {n!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"dataset.seed: expected an integer, got {self.seed!r}")
+        if self.on_bad_answer not in ("error", "skip"):
+            raise ConfigError(f"dataset.on_bad_answer: expected 'error' or 'skip', got {self.on_bad_answer!r}")
+
+    def _start(self) -> None:
+        self.skipped_ids, self.files, self._chosen = [], [], None
+
+    def _read(self, path: Path, squad: dict | None = None) -> dict:
+        if squad is None:
+            squad = load_squad_file(path)
+        squad, skipped = _drop_bad_answers(squad, str(path), self.on_bad_answer)
+        if skipped:
+            log.warning(
+                "%s: skipped %d question(s) whose answers do not match their context (dataset.on_bad_answer=skip), e.g. %s",
+                path, len(skipped), ", ".join(skipped[:5]),
+            )
+        self.skipped_ids += skipped
+        self.files.append(str(path))
+        return squad
+
+    def _split(self, plan: list[tuple[str, dict, tuple[str, ...]]]) -> dict[str, dict]:
+        """``plan``: (file label, its data, the splits drawn from it in order). The file's articles are
+        shuffled by the seed; each split takes just enough of the next articles to fill its
+        subsample (so the test split depends on nothing but the seed and its size), the last takes all
+        that are left. Each subsample keeps the file's unanswerable share."""
         out: dict[str, dict] = {}
-        for split in ("test", "validation", "train"):
-            want, taken = self.sizes[split], []
-            while articles and sum(len(p["qas"]) for a in taken for p in a["paragraphs"]) < want:
-                taken.append(articles.pop())
-            out[split] = _subsample({"version": squad.get("version", ""), "data": taken}, want, f"{self.seed}/{split}")
-        return {k: out[k] for k in ("train", "validation", "test")}
+        self._chosen = {}
+        for label, squad, order in plan:
+            articles = [_counted(article) for article in squad["data"]]
+            random.Random(f"article-split/{self.seed}").shuffle(articles)
+            answerable = sum(c[0] for _, c in articles)
+            unanswerable = sum(c[1] for _, c in articles)
+            total, used = answerable + unanswerable, []
+            for i, split in enumerate(order):
+                key, n = f"dataset.{SIZE_KEYS[split]}", self.sizes[split]
+                if n > total:
+                    raise ConfigError(
+                        f"{key}: {n} questions asked for, but {label} has only {total} "
+                        f"({answerable} answerable, {unanswerable} unanswerable)"
+                    )
+                quota = {True: int(n * unanswerable / total + 0.5)}
+                quota[False] = n - quota[True]
+                taken, have = [], [0, 0]
+                while articles and (i == len(order) - 1 or have[0] < quota[False] or have[1] < quota[True]):
+                    article, counts = articles.pop(0)
+                    taken.append(article)
+                    have = [have[0] + counts[0], have[1] + counts[1]]
+                if have[0] < quota[False] or have[1] < quota[True]:
+                    after = f" left after the {' and '.join(used)} split{'s' if len(used) > 1 else ''}" if used else ""
+                    raise ConfigError(
+                        f"{key}: {n} questions asked for ({quota[False]} answerable, {quota[True]} unanswerable, "
+                        f"as in {label}), but the articles of {label}{after} have only {sum(have)} "
+                        f"({have[0]} answerable, {have[1]} unanswerable)"
+                    )
+                used.append(split)
+                out[split], self._chosen[split] = _subsample(squad, taken, quota, f"{self.seed}/{split}")
+        return {split: out[split] for split in SIZE_KEYS}
 
 
-def _subsample(squad: dict, n: int, salt: str) -> dict:
-    """Keep ``n`` questions chosen by a hash of (salt, id), in file order."""
-    import hashlib
+def _counted(article: dict) -> tuple[dict, tuple[int, int]]:
+    """An article with its (answerable, unanswerable) question counts."""
+    flags = [not _answers(qa) for para in article["paragraphs"] for qa in para["qas"]]
+    return article, (flags.count(False), flags.count(True))
 
-    ids = [qa["id"] for a in squad["data"] for p in a["paragraphs"] for qa in p["qas"]]
-    keep = set(sorted(ids, key=lambda i: hashlib.sha256(f"{salt}/{i}".encode()).hexdigest())[:n])
-    data = []
+
+def _subsample(squad: dict, articles: list[dict], quota: dict[bool, int], salt: str) -> tuple[dict, list[str]]:
+    """Keep ``quota[unanswerable]`` questions of each kind from ``articles``, chosen by a hash of
+    (salt, id) and kept in file order (articles in the order of ``squad``); returns the data and ids."""
+
+    def rank(qid: str) -> str:
+        return hashlib.sha256(f"{salt}/{qid}".encode()).hexdigest()
+
+    qas = [qa for article in articles for para in article["paragraphs"] for qa in para["qas"]]
+    keep: set[str] = set()
+    for unanswerable, k in quota.items():
+        keep.update(sorted((qa["id"] for qa in qas if (not _answers(qa)) == unanswerable), key=rank)[:k])
+    taken = {id(article) for article in articles}
+    data, ids = [], []
     for article in squad["data"]:
+        if id(article) not in taken:
+            continue
         paragraphs = []
-        for p in article["paragraphs"]:
-            qas = [qa for qa in p["qas"] if qa["id"] in keep]
-            if qas:
-                paragraphs.append({**p, "qas": qas})
+        for para in article["paragraphs"]:
+            kept = [qa for qa in para["qas"] if qa["id"] in keep]
+            ids += [qa["id"] for qa in kept]
+            if kept:
+                paragraphs.append({**para, "qas": kept})
         if paragraphs:
             data.append({**article, "paragraphs": paragraphs})
-    return {"version": squad["version"], "data": data}
+    return {"version": squad.get("version", ""), "data": data}, ids
+
+
+class SquadJSON(_SquadSource):
+    """Any SQuAD-layout JSON file (SQuAD 2.0, or 1.1 where no ``is_impossible`` means answerable) as
+    a pipeline data source: test, validation and train questions come from disjoint articles of the
+    one file (shuffled by ``seed``), each subsampled to its size with the file's unanswerable share."""
+
+    def __init__(
+        self,
+        path: str,
+        name: str = "squad_json",
+        seed: int = 0,
+        num_train: int = 1000,
+        num_val: int = 200,
+        num_eval: int = 600,
+        on_bad_answer: str = "skip",
+    ):
+        super().__init__(name, seed, num_train, num_val, num_eval, on_bad_answer)
+        self.path = path
+
+    def check(self) -> None:
+        self._check_settings()
+        if not self.path or not Path(self.path).expanduser().is_file():
+            raise ConfigError(f"dataset.path: {self.path!r} is not a file (expected a SQuAD-layout JSON file)")
+
+    def splits(self) -> dict[str, dict]:
+        self._start()
+        path = Path(self.path).expanduser()
+        squad = self._read(path)
+        self.split_by_used = "article"
+        return self._split([(path.name, squad, ("test", "validation", "train"))])
+
+
+class SquadV2(_SquadSource):
+    """The official SQuAD 2.0 files (``train-v2.0.json``, ``dev-v2.0.json``) as a pipeline data source.
+
+    A file is looked up in ``path``, then in ``cache_dir``; an absent one is downloaded from
+    ``base_url`` into ``cache_dir`` unless offline (LAFFI_OFFLINE=1 or HF_HUB_OFFLINE=1).
+    ``split_by=file``: train and validation (held-out articles) from the train file, test from the dev
+    file. ``split_by=article``: test, validation and train from disjoint articles of the dev file.
+    ``split_by=auto``: ``file`` when the train file is here or downloads are on (a failed download is
+    then an error, not a silent change of split), else ``article``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        cache_dir: str | None = None,
+        name: str = "squad_v2",
+        seed: int = 0,
+        num_train: int = 1000,
+        num_val: int = 200,
+        num_eval: int = 600,
+        split_by: str = "auto",
+        on_bad_answer: str = "skip",
+        base_url: str = OFFICIAL_URL,
+        download_timeout: float = 10.0,
+    ):
+        super().__init__(name, seed, num_train, num_val, num_eval, on_bad_answer)
+        self.path = path
+        self.cache_dir = cache_dir
+        self.split_by = split_by
+        self.base_url = base_url
+        self.download_timeout = download_timeout
+
+    def check(self) -> None:
+        """Settings, folders, and (offline) that the files the split needs are here; reads no file."""
+        self._check_settings()
+        if self.split_by not in ("auto", "file", "article"):
+            raise ConfigError(f"dataset.split_by: expected 'auto', 'file' or 'article', got {self.split_by!r}")
+        if isinstance(self.download_timeout, bool) or not isinstance(self.download_timeout, (int, float)) or self.download_timeout <= 0:
+            raise ConfigError(f"dataset.download_timeout: expected a number of seconds > 0, got {self.download_timeout!r}")
+        if self.path and not Path(self.path).expanduser().is_dir():
+            raise ConfigError(
+                f"dataset.path: {self.path!r} is not a folder (expected the folder holding {TRAIN_FILE} and/or {DEV_FILE})"
+            )
+        if self.cache_dir and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
+            raise ConfigError(f"dataset.cache_dir: {self.cache_dir!r} exists but is not a folder")
+        if not self.path and not self.cache_dir:
+            raise ConfigError("dataset.path / dataset.cache_dir: set at least one folder to read the SQuAD 2.0 files from")
+        if _offline():
+            needed = [DEV_FILE] + ([TRAIN_FILE] if self.split_by == "file" else [])
+            for file in needed:
+                if self._local(file) is None:
+                    raise self._missing(file, f"downloads are off ({' and '.join(_offline_settings())})")
+
+    def splits(self) -> dict[str, dict]:
+        self._start()
+        dev = self._read(*self._fetch(DEV_FILE))
+        split_by = self.split_by
+        if split_by == "auto":
+            split_by = "file" if self._local(TRAIN_FILE) is not None or not _offline() else "article"
+            if split_by == "article":
+                log.info("%s is not here and downloads are off: article-level split of %s", TRAIN_FILE, DEV_FILE)
+        self.split_by_used = split_by
+        if split_by == "article":
+            return self._split([(DEV_FILE, dev, ("test", "validation", "train"))])
+        train = self._read(*self._fetch(TRAIN_FILE))
+        return self._split([(TRAIN_FILE, train, ("validation", "train")), (DEV_FILE, dev, ("test",))])
+
+    def _folders(self) -> list[Path]:
+        return [Path(d).expanduser() for d in (self.path, self.cache_dir) if d]
+
+    def _local(self, file: str) -> Path | None:
+        return next((d / file for d in self._folders() if (d / file).is_file()), None)
+
+    def _fetch(self, file: str) -> tuple[Path, dict | None]:
+        """The local copy of ``file`` (and its data when it was just downloaded)."""
+        local = self._local(file)
+        if local is not None:
+            return local, None
+        if _offline():
+            raise self._missing(file, f"downloads are off ({' and '.join(_offline_settings())})")
+        if not self.cache_dir:
+            raise self._missing(file, "dataset.cache_dir is not set, so it cannot be downloaded")
+        url = self.base_url.rstrip("/") + "/" + file
+        destination = Path(self.cache_dir).expanduser() / file
+        log.info("Downloading %s to %s", url, destination)
+        try:
+            return destination, download(url, destination, float(self.download_timeout))
+        except OSError as err:
+            raise self._missing(file, f"the download from {url} failed ({err})") from err
+
+    def _missing(self, file: str, reason: str) -> ConfigError:
+        folders = " or ".join(f"{key} ({d})" for key, d in (("dataset.path", self.path), ("dataset.cache_dir", self.cache_dir)) if d)
+        target = Path(self.path or self.cache_dir).expanduser() / file
+        hint = f"; or set dataset.split_by=article to use only {DEV_FILE}" if file == TRAIN_FILE else ""
+        return ConfigError(
+            f"dataset: {file} is missing: it is not in {folders}, and {reason}. "
+            f"Put the official file ({OFFICIAL_URL}{file}) at {target}{hint}"
+        )

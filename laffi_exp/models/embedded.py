@@ -1,7 +1,5 @@
-"""The base LLM of a run: a pretrained transformers model from a folder or the hub, or the embedded
-default, a small LLaMA built from config and warmed up once on the synthetic pool, then cached.
-
-``python -m laffi_exp.base_model`` builds (or finds) the embedded default and prints where it is.
+"""The embedded default base LLM: a small LLaMA built from config and warmed up once on the synthetic
+pool, then cached. ``python -m laffi_exp.models.embedded`` builds (or finds) it and prints where it is.
 """
 
 from __future__ import annotations
@@ -12,76 +10,18 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from laffi_exp.errors import ConfigError
 from laffi_exp.io import atomic_write_text
+from laffi_exp.models.pretrained import BaseModel
 from laffi_exp.prompts import Prompter
 
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2  # bump when the build procedure changes, so old cache entries are not reused
-
-
-@dataclass
-class BaseModel:
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any  # transformers PreTrainedTokenizerFast
-    name: str
-    path: str
-
-
-def _local_only() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) not in ("0", "", "false")
-
-
-class PretrainedBase:
-    """Any transformers causal LM from a local folder, or a hub id when the machine is online."""
-
-    def __init__(self, name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-        self.name_or_path = str(name_or_path)
-        self.dtype = dtype
-        self.trust_remote_code = trust_remote_code
-
-    def check(self) -> None:
-        path = Path(self.name_or_path).expanduser()
-        looks_local = path.is_absolute() or self.name_or_path.startswith(".") or path.exists()
-        if looks_local and not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.name_or_path: {self.name_or_path!r} is not a model folder "
-                "(expected a directory with config.json, weights and tokenizer files)"
-            )
-        if not looks_local and _local_only():
-            raise ConfigError(
-                f"model.name_or_path: {self.name_or_path!r} is not a local folder and the hub is offline "
-                "(HF_HUB_OFFLINE is set); download it first or point at a local directory"
-            )
-
-    def load(self) -> BaseModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.check()
-        local = Path(self.name_or_path).expanduser().exists()
-        kwargs = dict(trust_remote_code=self.trust_remote_code, local_files_only=local or _local_only())
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                self.name_or_path, dtype=getattr(torch, self.dtype), **kwargs
-            )
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"model.name_or_path: cannot load {self.name_or_path!r} as a causal LM: {first}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return BaseModel(model=model, tokenizer=tokenizer, name=self.name_or_path, path=self.name_or_path)
 
 
 class EmbeddedBase:

@@ -1,0 +1,1 @@
+"""Base models: the embedded default (``embedded``) and any transformers causal LM (``pretrained``)."""

@@ -1,0 +1,291 @@
+"""Pretrained base LLMs: any transformers causal LM from a local folder, or a hub id (from the hub when
+it is reachable, else from the local Hugging Face cache), with optional 4-bit QLoRA loading."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from laffi_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+HUB_PROBE_TIMEOUT_S = 5.0  # one request; huggingface_hub's own retries take ~25 s per file when offline
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+@dataclass
+class BaseModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    name: str
+    path: str
+    chat_template: bool = False  # prompts must go through format_prompt (an instruct model's chat format)
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text to tokenize for ``prompt``: one user turn of the chat template when ``chat_template``."""
+        return wrap_chat(self.tokenizer, prompt) if self.chat_template else prompt
+
+
+def wrap_chat(tokenizer, prompt: str) -> str:
+    """``prompt`` as a single user message with the generation prompt of ``tokenizer``'s chat template,
+    ready to be tokenized with ``add_special_tokens=True``; unchanged if the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    # Templates that write BOS themselves would get a second one from the tokenizer.
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's reading
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for no hub access (HF_HUB_OFFLINE, or the older TRANSFORMERS_OFFLINE)."""
+    return _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One request to the hub endpoint, without retries: any HTTP answer counts as reachable."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # DNS, connection, proxy, TLS or timeout: all mean "cannot download now"
+        return False
+    return True
+
+
+def _causal_lm_problem(config, trust_remote_code: bool) -> str | None:
+    """Why ``config`` does not describe a causal (decoder-only) LM, or None if it does."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return f"it holds an encoder-decoder model ({model_type}), not a causal LM"
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type not in CAUSAL and not remote:
+        return f"model_type {model_type!r} has no causal-LM class in transformers (not a causal LM)"
+    architectures = getattr(config, "architectures", None) or []
+    causal_classes = set(CAUSAL.values())
+    if architectures and not remote and not any(
+        a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures
+    ):
+        return f"it holds {', '.join(architectures)} (a {model_type} model), not a causal LM"
+    # Encoder families (BERT, RoBERTa, ...) have a causal-LM class too, but it is only for their decoders.
+    if not architectures and model_type in MASKED and not getattr(config, "is_decoder", False):
+        return f"it holds an encoder model ({model_type}), not a causal LM"
+    return None
+
+
+class PretrainedBase:
+    """Any transformers causal LM from a local folder, or a hub id.
+
+    A hub id is downloaded when the hub is reachable; offline (``HF_HUB_OFFLINE=1``, or the hub not
+    answering one short request) it loads from the local Hugging Face cache, or fails at once.
+    Tokenizers without a pad token get one: EOS, else UNK, else a new ``<pad>`` (embeddings resized);
+    padding is masked out of attention and loss, so reusing EOS or UNK changes no result."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        chat_template: bool = False,
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        cache_dir: str | None = None,
+    ):
+        self.name_or_path = str(name_or_path)
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.chat_template = chat_template
+        self.load_in_4bit = load_in_4bit
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cache_dir = str(Path(cache_dir).expanduser()) if cache_dir else None
+        self._source: str | None = None  # what check() found to load from: a folder, or the hub id
+        self._checked = False
+
+    # -- checks before any weights are read ---------------------------------------------------------
+    def check(self) -> None:
+        """Raise ConfigError for anything that would fail later: option values, the folder or hub id, a
+        config that is not a causal LM. Reads config.json only (downloading it when online)."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_in_4bit:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(
+                    "model.load_in_4bit: 4-bit loading needs the bitsandbytes package (pip install bitsandbytes) "
+                    "and a CUDA GPU; set model.load_in_4bit=false on this machine"
+                )
+            if not torch.cuda.is_available():
+                raise ConfigError("model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; set model.load_in_4bit=false")
+        path = Path(self.name_or_path).expanduser()
+        if path.exists() or self._looks_like_path():
+            self._check_folder(path)
+            self._source = str(path)
+        else:
+            self._source = self._check_hub_id()
+        problem = _causal_lm_problem(self._config(), self.trust_remote_code)
+        if problem:
+            raise ConfigError(f"model.name_or_path: {self.name_or_path!r}: {problem}")
+        if self._is_local:
+            self._check_weights(Path(self._source))
+        self._checked = True
+
+    def _looks_like_path(self) -> bool:
+        name = self.name_or_path
+        return Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+    def _check_folder(self, path: Path) -> None:
+        where = f"model.name_or_path: {self.name_or_path!r}"
+        if not path.exists():
+            raise ConfigError(f"{where}: no such folder")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(f"{where} is not a model folder (expected a directory with config.json, weights and tokenizer files)")
+
+    def _check_weights(self, path: Path) -> None:
+        if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+            raise ConfigError(f"model.name_or_path: {self.name_or_path!r} is not a model folder: it has config.json but no weights (*.safetensors or *.bin)")
+
+    def _check_hub_id(self) -> str:
+        """What to load a hub id from: the id itself when the hub is reachable, else its folder in the local
+        cache (a folder, because transformers still asks the hub for some files of an id when told
+        local_files_only); raises ConfigError when neither can work."""
+        from huggingface_hub import snapshot_download, try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        where = f"model.name_or_path: {self.name_or_path!r}"
+        try:
+            validate_repo_id(self.name_or_path)
+        except HFValidationError:
+            raise ConfigError(f"{where} is neither an existing folder nor a valid hub id (owner/name)") from None
+        cached = isinstance(try_to_load_from_cache(self.name_or_path, "config.json", cache_dir=self.cache_dir), str)
+        if hub_offline():
+            if not cached:
+                raise ConfigError(
+                    f"{where} is not a local folder and not in the local Hugging Face cache, and the hub is off "
+                    "(HF_HUB_OFFLINE is set); download it first (huggingface-cli download ...) or give a local folder"
+                )
+            return self._cached_folder(snapshot_download)
+        if hub_reachable():
+            return self.name_or_path
+        if not cached:
+            raise ConfigError(
+                f"{where} is not a local folder and not in the local Hugging Face cache, and the hub "
+                f"({_endpoint()}) cannot be reached; download it elsewhere and give its folder"
+            )
+        log.warning("The hub cannot be reached: loading %s from the local Hugging Face cache", self.name_or_path)
+        return self._cached_folder(snapshot_download)
+
+    def _cached_folder(self, snapshot_download) -> str:
+        return snapshot_download(self.name_or_path, cache_dir=self.cache_dir, local_files_only=True)
+
+    @property
+    def _is_local(self) -> bool:
+        return self._source is not None and Path(self._source).is_dir()
+
+    def _hub_kwargs(self) -> dict:
+        return dict(trust_remote_code=self.trust_remote_code, local_files_only=self._is_local, cache_dir=self.cache_dir)
+
+    def _config(self):
+        from transformers import AutoConfig
+
+        return self._loading(AutoConfig.from_pretrained, self._source, **self._hub_kwargs())
+
+    def _loading(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with transformers' loading errors turned into one ConfigError line."""
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            text = str(err).strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            raise ConfigError(f"model.name_or_path: cannot load {self.name_or_path!r} as a causal LM: {first}") from err
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load(self) -> BaseModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not self._checked:  # the pipeline checks first; a second hub probe would only cost time
+            self.check()
+        kwargs = self._hub_kwargs()
+        tokenizer = self._loading(AutoTokenizer.from_pretrained, self._source, **kwargs)
+        dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+        if self.load_in_4bit:
+            kwargs.update(self._quantization())
+        model = self._loading(AutoModelForCausalLM.from_pretrained, self._source, dtype=dtype, **kwargs)
+        self._set_pad_token(model, tokenizer)
+        if self.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            # Non-reentrant checkpointing needs no input-gradient hook for frozen embeddings.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif self.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+            enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.gradient_checkpointing:
+            model.config.use_cache = False  # the KV cache is useless in training; generation asks for it explicitly
+        chat = self.chat_template and bool(getattr(tokenizer, "chat_template", None))
+        if self.chat_template and not chat:
+            log.warning("model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain", self.name_or_path)
+        return BaseModel(model=model, tokenizer=tokenizer, name=self.name_or_path, path=self._source, chat_template=chat)
+
+    def _quantization(self) -> dict:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        # 4-bit weights cannot be moved after loading: put them on this process's GPU (DDP: its local rank).
+        return dict(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+
+    @staticmethod
+    def _set_pad_token(model, tokenizer) -> None:
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            elif tokenizer.unk_token is not None:
+                tokenizer.pad_token = tokenizer.unk_token
+            else:
+                tokenizer.add_special_tokens({"pad_token": "<pad>"})
+                model.resize_token_embeddings(len(tokenizer))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
