@@ -3,6 +3,7 @@ evaluation, with every artifact written to the run dir. ``run(cfg)`` is what the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from laffi_exp import evaluate
 from laffi_exp.answer import as_predictions, predict_answers
 from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.data.window import fit_contexts
 from laffi_exp.io import atomic_write_text, write_json, write_jsonl
 from laffi_exp.train import PAIR_BUILDERS, LoRAFineTuner, PairDataModule
 
@@ -43,12 +45,22 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     raw = dataset.splits()
     splits = {name: examples_from_squad(data, source=f"{cfg.dataset.name}/{name}") for name, data in raw.items()}
     write_json(out / "eval_data.json", raw["test"], indent=None)  # score again with `python -m laffi_exp.score`
+    write_json(out / "chosen_ids.json", {name: [ex.id for ex in exs] for name, exs in splits.items()})
     log.info("Data: %s", ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     base = source.load()
     model, tokenizer = base.model, base.tokenizer
+    if getattr(base, "chat_template", False):
+        prompter = dataclasses.replace(prompter, wrap=base.format_prompt)
     gen = cfg.generation
-    loggers = instantiate_loggers(cfg)
     metrics: dict[str, Any] = {}
+    # Passages longer than the model's window are shortened (see laffi_exp/data/window.py).
+    window = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length)
+    budget = window - gen.max_new_tokens - gen.feedback_max_new_tokens
+    for name in splits:
+        splits[name], metrics[f"data/shortened_{name}"] = fit_contexts(
+            splits[name], tokenizer, prompter, budget, around_answer=name != "test"
+        )
+    loggers = instantiate_loggers(cfg)
     try:
         # 1. Answer prediction (the base model on the training and validation questions).
         feedback = {}

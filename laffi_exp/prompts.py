@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from laffi_exp.records import QAExample
 
@@ -45,9 +46,14 @@ class Prompter:
     feedback_template: str = FEEDBACK_TEMPLATE
     no_answer_text: str = NO_ANSWER_TEXT
     no_answer_phrases: tuple[str, ...] = field(default=NO_ANSWER_PHRASES)
+    # Wraps every prompt for the model, e.g. as one user turn of an instruct model's chat template.
+    wrap: Callable[[str], str] | None = None
+
+    def _wrap(self, prompt: str) -> str:
+        return self.wrap(prompt) if self.wrap is not None else prompt
 
     def answer_prompt(self, ex: QAExample) -> str:
-        return self.answer_template.format(context=ex.context, question=ex.question)
+        return self._wrap(self.answer_template.format(context=ex.context, question=ex.question))
 
     def answer_target(self, answer: str) -> str:
         """The completion for an answer prompt: a leading space, then the answer or the no-answer text."""
@@ -55,7 +61,7 @@ class Prompter:
 
     def feedback_prompt(self, ex: QAExample, prediction: str) -> str:
         shown = prediction if prediction else self.no_answer_text
-        return self.feedback_template.format(context=ex.context, question=ex.question, prediction=shown)
+        return self._wrap(self.feedback_template.format(context=ex.context, question=ex.question, prediction=shown))
 
     @staticmethod
     def feedback_target(feedback: str) -> str:

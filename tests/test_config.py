@@ -22,7 +22,7 @@ REQUIRED = {"model=hf": f"model.name_or_path={TINYLLAMA}", "dataset=squad_json":
 def test_every_group_option_composes_and_instantiates(group, option, make_cfg, tmp_path):
     choice = f"{group}={option}"
     extra = [REQUIRED[choice]] if choice in REQUIRED else []
-    cfg = make_cfg(choice, *extra, embedded=choice != "model=hf")
+    cfg = make_cfg(choice, *extra, embedded=group != "model" or option == "embedded")
     validate(cfg)
     instantiate(cfg.dataset).sizes
     instantiate(cfg.model.source)

@@ -86,7 +86,9 @@ def test_loads_local_folder_with_a_pad_token():
 
 
 @needs(TINYLLAMA)
-@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32)]
+)
 def test_dtype(dtype, expected):
     model = PretrainedBase(str(TINYLLAMA), dtype=dtype).load().model
     assert {p.dtype for p in model.parameters()} == {expected}
@@ -112,7 +114,6 @@ def test_pad_token_fallbacks_unk_then_a_new_token():
 
 
 # -- errors, each by its message --------------------------------------------------------------------
-@needs(TINYLLAMA)
 def test_unknown_dtype_names_the_key():
     with pytest.raises(ConfigError, match=r"model\.dtype: expected one of float32, bfloat16, float16, auto, got 'fp8'"):
         PretrainedBase(str(TINYLLAMA), dtype="fp8").check()
@@ -139,7 +140,10 @@ def test_folder_without_weights(tmp_path):
         PretrainedBase(str(tmp_path)).check()
 
 
-TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 100}
+TINY_BERT = {
+    "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "intermediate_size": 32, "vocab_size": 100,
+}
 
 
 @pytest.mark.parametrize(

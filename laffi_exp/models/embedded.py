@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from laffi_exp.errors import ConfigError
+from laffi_exp.data.synthetic import GENERATOR_VERSION
 from laffi_exp.io import atomic_write_text
 from laffi_exp.models.pretrained import BaseModel
 from laffi_exp.prompts import Prompter
@@ -55,6 +56,7 @@ class EmbeddedBase:
         """Exactly the inputs that determine the built weights."""
         return {
             "build_version": BUILD_VERSION,
+            "generator_version": GENERATOR_VERSION,
             "architecture": self.architecture,
             "vocab_size": self.vocab_size,
             "seed": self.seed,

@@ -138,7 +138,9 @@ class PretrainedBase:
                     "and a CUDA GPU; set model.load_in_4bit=false on this machine"
                 )
             if not torch.cuda.is_available():
-                raise ConfigError("model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; set model.load_in_4bit=false")
+                raise ConfigError(
+                    "model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; set model.load_in_4bit=false"
+                )
         path = Path(self.name_or_path).expanduser()
         if path.exists() or self._looks_like_path():
             self._check_folder(path)
@@ -154,24 +156,32 @@ class PretrainedBase:
 
     def _looks_like_path(self) -> bool:
         name = self.name_or_path
-        return Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+        # A hub id is "name" or "owner/name"; anything else that names no existing path is a missing folder.
+        return (
+            Path(name).expanduser().is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+        )
 
     def _check_folder(self, path: Path) -> None:
         where = f"model.name_or_path: {self.name_or_path!r}"
         if not path.exists():
             raise ConfigError(f"{where}: no such folder")
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise ConfigError(f"{where} is not a model folder (expected a directory with config.json, weights and tokenizer files)")
+            raise ConfigError(
+                f"{where} is not a model folder (expected a directory with config.json, weights and tokenizer files)"
+            )
 
     def _check_weights(self, path: Path) -> None:
         if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
-            raise ConfigError(f"model.name_or_path: {self.name_or_path!r} is not a model folder: it has config.json but no weights (*.safetensors or *.bin)")
+            raise ConfigError(
+                f"model.name_or_path: {self.name_or_path!r} is not a model folder: "
+                "it has config.json but no weights (*.safetensors or *.bin)"
+            )
 
     def _check_hub_id(self) -> str:
         """What to load a hub id from: the id itself when the hub is reachable, else its folder in the local
         cache (a folder, because transformers still asks the hub for some files of an id when told
         local_files_only); raises ConfigError when neither can work."""
-        from huggingface_hub import snapshot_download, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         where = f"model.name_or_path: {self.name_or_path!r}"
@@ -184,9 +194,9 @@ class PretrainedBase:
             if not cached:
                 raise ConfigError(
                     f"{where} is not a local folder and not in the local Hugging Face cache, and the hub is off "
-                    "(HF_HUB_OFFLINE is set); download it first (huggingface-cli download ...) or give a local folder"
+                    "(HF_HUB_OFFLINE is set); download it first (hf download ID) or give a local folder"
                 )
-            return self._cached_folder(snapshot_download)
+            return self._cached_folder()
         if hub_reachable():
             return self.name_or_path
         if not cached:
@@ -195,9 +205,11 @@ class PretrainedBase:
                 f"({_endpoint()}) cannot be reached; download it elsewhere and give its folder"
             )
         log.warning("The hub cannot be reached: loading %s from the local Hugging Face cache", self.name_or_path)
-        return self._cached_folder(snapshot_download)
+        return self._cached_folder()
 
-    def _cached_folder(self, snapshot_download) -> str:
+    def _cached_folder(self) -> str:
+        from huggingface_hub import snapshot_download
+
         return snapshot_download(self.name_or_path, cache_dir=self.cache_dir, local_files_only=True)
 
     @property
@@ -245,7 +257,9 @@ class PretrainedBase:
             )
         elif self.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+                raise ConfigError(
+                    f"model.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing"
+                )
             enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.x
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -255,7 +269,9 @@ class PretrainedBase:
             model.config.use_cache = False  # the KV cache is useless in training; generation asks for it explicitly
         chat = self.chat_template and bool(getattr(tokenizer, "chat_template", None))
         if self.chat_template and not chat:
-            log.warning("model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain", self.name_or_path)
+            log.warning(
+                "model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain", self.name_or_path
+            )
         return BaseModel(model=model, tokenizer=tokenizer, name=self.name_or_path, path=self._source, chat_template=chat)
 
     def _quantization(self) -> dict:
