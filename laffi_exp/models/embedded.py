@@ -22,7 +22,7 @@ from laffi_exp.prompts import Prompter
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when the build procedure changes, so old cache entries are not reused
+BUILD_VERSION = 3  # bump when the build procedure changes, so old cache entries are not reused
 
 
 class EmbeddedBase:
@@ -92,21 +92,30 @@ class EmbeddedBase:
 
     # -- the one-time build -------------------------------------------------------------------
     def _texts(self) -> list[str]:
-        """Warm-up texts: pool questions with their gold answers; a quarter also carry approving
-        feedback, so the base knows the words of feedback (as any pretrained LLM does) but has never
-        seen a wrong answer judged or corrected."""
+        """Warm-up texts: pool questions with their gold answers. A quarter instead carry feedback on
+        a candidate answer, half the gold one and half a wrong one (another span of the passage, or
+        "unanswerable"), so that the base knows the words and the form of feedback, as an
+        instruction-tuned LLM does, though never on the main splits' questions nor on its own answers."""
         from laffi_exp.annotate import SimulatedHuman, unit_hash
         from laffi_exp.data.squad import examples_from_squad
         from laffi_exp.data.synthetic import generate
 
         prompter, human = Prompter(), SimulatedHuman(seed=self.seed)
         pool = examples_from_squad(generate(self.seed, "pool", self.warmup_questions), source="pool")
+        spans: dict[str, list[str]] = {}
+        for ex in pool:
+            spans.setdefault(ex.context, []).extend(ex.answers)
         texts = []
         for ex in pool:
-            if unit_hash(self.seed, "feedback", ex.id) < 0.25:
-                texts.append(prompter.feedback_prompt(ex, ex.gold) + prompter.feedback_target(human.annotate(ex, ex.gold)))
-            else:
+            u = unit_hash(self.seed, "feedback", ex.id)
+            if u >= 0.25:
                 texts.append(prompter.answer_prompt(ex) + prompter.answer_target(ex.gold))
+                continue
+            candidate = ex.gold
+            if u < 0.125:  # a wrong candidate
+                others = [a for a in spans[ex.context] if a not in ex.answers]
+                candidate = others[0] if others else ("" if ex.answers else spans[ex.context][0] if spans[ex.context] else "")
+            texts.append(prompter.feedback_prompt(ex, candidate) + prompter.feedback_target(human.annotate(ex, candidate)))
         return texts
 
     def _tokenizer(self, texts: list[str]):
