@@ -137,7 +137,7 @@ class LoRAFineTuner(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
