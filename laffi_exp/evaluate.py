@@ -1,7 +1,7 @@
 """Stage 4, evaluation on held-out questions with SQuAD 2.0 scoring.
 
 Two protocols:
-- ``direct`` (the paper's): prompt for the answer, score it.
+- ``direct`` (the paper's): prompt for the answer (``laffi_exp.answer.predict_answers``), score it.
 - ``reflect`` (our extension, for models trained on feedback): the model answers, then predicts the
   feedback on its own answer; where that feedback judges the answer wrong and names a correction
   (an answer, or "no answer"), the correction becomes the answer.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from laffi_exp.answer import generate, predict_answers
+from laffi_exp.answer import generate
 from laffi_exp.prompts import Prompter, parse_feedback
 from laffi_exp.records import Answer, QAExample
 from laffi_exp.squad_metrics import score_examples
@@ -32,10 +32,6 @@ def score(examples: Sequence[QAExample], predictions: dict[str, str], prefix: st
     """SQuAD 2.0 metrics under ``prefix/`` (``exact``, ``f1``, ``HasAns_exact``, ..., ``total``)."""
     metrics = score_examples({ex.id: list(ex.answers) for ex in examples}, predictions)
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
-
-
-def direct(model, tokenizer, examples, prompter: Prompter, max_new_tokens: int, batch_size: int, desc: str) -> list[Answer]:
-    return predict_answers(model, tokenizer, examples, prompter, max_new_tokens, batch_size, desc=desc)
 
 
 def reflect(

@@ -21,16 +21,16 @@ from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.window import fit_contexts
 from laffi_exp.io import atomic_write_text, write_json, write_jsonl
-from laffi_exp.train import PAIR_BUILDERS, LoRAFineTuner, PairDataModule
+from laffi_exp.train import LoRAFineTuner, PairDataModule
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the flat metrics dict (also written to ``metrics.json``)."""
     started = time.time()
     validate(cfg)
-    out = Path(output_dir or cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = instantiate(cfg.dataset)
     dataset.check()
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             ) / len(train_fb)
 
         # 3. Fine-tuning with LoRA (feedback prediction for laffi, gold answers for sft).
-        build = PAIR_BUILDERS[cfg.method.name]
+        build = instantiate(cfg.method.pairs)
         datamodule = PairDataModule(
             tokenizer,
             build(splits["train"], feedback.get("train", []), prompter),
@@ -101,10 +101,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         # 4. Evaluation on held-out questions: the untrained base, then the fine-tuned model.
         test = splits["test"]
         with peft_model.disable_adapter():
-            base_answers = evaluate.direct(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, "base test")
+            base_answers = predict_answers(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, desc="base test")
         write_json(out / "base_predictions.json", as_predictions(base_answers))
         metrics.update(evaluate.score(test, as_predictions(base_answers), "base"))
-        answers = evaluate.direct(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, "test")
+        answers = predict_answers(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, desc="test")
         write_json(out / "predictions.json", as_predictions(answers))
         write_jsonl(out / "test_generations.jsonl", answers)
         metrics.update(evaluate.score(test, as_predictions(answers), "test"))
@@ -112,9 +112,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         reflections = []
         if cfg.method.name == "laffi" and "reflect" in cfg.evaluation.protocols:
             reflections = evaluate.reflect(peft_model, tokenizer, test, answers, prompter, gen.feedback_max_new_tokens, gen.batch_size)
-            write_json(out / "reflect_predictions.json", {r.id: r.prediction for r in reflections})
+            reflect_predictions = {r.id: r.prediction for r in reflections}
+            write_json(out / "reflect_predictions.json", reflect_predictions)
             write_jsonl(out / "reflections.jsonl", reflections)
-            metrics.update(evaluate.score(test, {r.id: r.prediction for r in reflections}, "test_reflect"))
+            metrics.update(evaluate.score(test, reflect_predictions, "test_reflect"))
             metrics["test_reflect/changed"] = sum(r.prediction != r.first_answer for r in reflections)
         metrics["time/seconds"] = round(time.time() - started, 1)
         write_json(out / "metrics.json", metrics)

@@ -47,9 +47,6 @@ def sft_pairs(examples: Sequence[QAExample], feedback: Sequence[Feedback], promp
     return [Pair(ex.id, prompter.answer_prompt(ex), prompter.answer_target(ex.gold)) for ex in examples]
 
 
-PAIR_BUILDERS: dict[str, Callable[..., list[Pair]]] = {"laffi": laffi_pairs, "sft": sft_pairs}
-
-
 def encode_pair(tokenizer, pair: Pair) -> tuple[list[int], list[int]]:
     """Token ids of prompt + target + EOS, and labels that are IGNORE_INDEX over the prompt."""
     prompt = tokenizer(pair.prompt, add_special_tokens=True)["input_ids"]

@@ -88,3 +88,12 @@ def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
     assert "test/exact" in metrics and "base/exact" in metrics
     assert not any(k.startswith("test_reflect/") for k in metrics)
     assert not (out / "feedback.jsonl").exists()  # SFT never looks at feedback
+
+
+def test_a_run_that_builds_the_base_matches_one_that_loads_it(make_cfg, tmp_path):
+    fresh = tmp_path / "fresh_cache"
+    first = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}"))  # builds
+    second = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'b'}"))  # loads
+    drop = {"time/seconds"}
+    assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+    assert (tmp_path / "a" / "feedback.jsonl").read_text() == (tmp_path / "b" / "feedback.jsonl").read_text()

@@ -14,6 +14,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Iterator
 
+from laffi_exp.data import SIZE_KEYS, check_sizes
+from laffi_exp.env import env_true
 from laffi_exp.errors import ConfigError
 from laffi_exp.io import atomic_write_text
 from laffi_exp.records import QAExample
@@ -25,7 +27,6 @@ TRAIN_FILE = "train-v2.0.json"
 DEV_FILE = "dev-v2.0.json"
 # md5 of the official releases (the values torchtext publishes; dev measured in shared/data/squad_v2).
 OFFICIAL_MD5 = {DEV_FILE: "246adae8b7002f8679c027697b0b7cf8", TRAIN_FILE: "62108c273c268d70893182d5cf8df740"}
-SIZE_KEYS = {"train": "num_train", "validation": "num_val", "test": "num_eval"}
 OFFLINE_VARIABLES = ("LAFFI_OFFLINE", "HF_HUB_OFFLINE")
 
 
@@ -135,7 +136,7 @@ def _drop_bad_answers(squad: dict, source: str, on_bad_answer: str) -> tuple[dic
 
 def _offline_settings() -> list[str]:
     """The environment settings that turn downloads off, e.g. ["LAFFI_OFFLINE=1"]; [] when online."""
-    return [f"{k}={os.environ[k]}" for k in OFFLINE_VARIABLES if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")]
+    return [f"{k}={os.environ[k]}" for k in OFFLINE_VARIABLES if env_true(k)]
 
 
 def _offline() -> bool:
@@ -200,9 +201,7 @@ class _SquadSource:
         raise NotImplementedError
 
     def _check_settings(self) -> None:
-        for split, n in self.sizes.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ConfigError(f"dataset.{SIZE_KEYS[split]}: expected a positive integer, got {n!r}")
+        check_sizes(self.sizes)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"dataset.seed: expected an integer, got {self.seed!r}")
         if self.on_bad_answer not in ("error", "skip"):

@@ -15,7 +15,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from laffi_exp.errors import ConfigError
+from laffi_exp.data import check_sizes
 
 GENERATOR_VERSION = 2  # bump on any change to what generate() returns (it keys cached base models)
 
@@ -211,10 +211,7 @@ class SyntheticQA:
         self.sizes = {"train": num_train, "validation": num_val, "test": num_eval}
 
     def check(self) -> None:
-        keys = {"train": "num_train", "validation": "num_val", "test": "num_eval"}
-        for split, n in self.sizes.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ConfigError(f"dataset.{keys[split]}: expected a positive integer, got {n!r}")
+        check_sizes(self.sizes)
 
     def splits(self) -> dict[str, dict]:
         return {split: generate(self.seed, split, n) for split, n in self.sizes.items()}

@@ -25,11 +25,13 @@ def fit_contexts(
     taken off ``max_prompt_tokens``) fits; returns them and how many were shortened."""
     out, shortened = [], 0
     for ex in examples:
+        if len(tokenizer(prompter.feedback_prompt(ex, ""))["input_ids"]) <= max_prompt_tokens:
+            out.append(ex)  # the common case: one tokenization, nothing to cut
+            continue
         overhead = len(tokenizer(prompter.feedback_prompt(dataclasses.replace(ex, context=""), ""))["input_ids"])
         budget = max(8, max_prompt_tokens - overhead)
-        enc = tokenizer(ex.context, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= budget:
+        offsets = tokenizer(ex.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= budget:  # the whole-prompt count differed only at the context's edges
             out.append(ex)
             continue
         shortened += 1

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from laffi_exp.annotate import SimulatedHuman, unit_hash
+from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
 from laffi_exp.errors import ConfigError
-from laffi_exp.data.synthetic import GENERATOR_VERSION
 from laffi_exp.io import atomic_write_text
 from laffi_exp.models.pretrained import BaseModel
 from laffi_exp.prompts import Prompter
@@ -96,10 +98,6 @@ class EmbeddedBase:
         a candidate answer, half the gold one and half a wrong one (another span of the passage, or
         "unanswerable"), so that the base knows the words and the form of feedback, as an
         instruction-tuned LLM does, though never on the main splits' questions nor on its own answers."""
-        from laffi_exp.annotate import SimulatedHuman, unit_hash
-        from laffi_exp.data.squad import examples_from_squad
-        from laffi_exp.data.synthetic import generate
-
         prompter, human = Prompter(), SimulatedHuman(seed=self.seed)
         pool = examples_from_squad(generate(self.seed, "pool", self.warmup_questions), source="pool")
         spans: dict[str, list[str]] = {}
@@ -120,10 +118,8 @@ class EmbeddedBase:
 
     def _tokenizer(self, texts: list[str]):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers.processors import TemplateProcessing
         from transformers import PreTrainedTokenizerFast
-
-        from laffi_exp.data.synthetic import generate
-        from laffi_exp.data.squad import examples_from_squad
 
         # The warm-up texts, and contexts and questions from the main splits' generator (with another
         # seed, so no evaluation text is seen), as a pretrained LLM's tokenizer knows their words.
@@ -143,8 +139,6 @@ class EmbeddedBase:
             show_progress=False,
         )
         tok.train_from_iterator(corpus, trainer)
-        from tokenizers.processors import TemplateProcessing
-
         tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
@@ -155,7 +149,6 @@ class EmbeddedBase:
 
         start = time.time()
         log.info("Building the embedded base model once (cached at %s)", self.path)
-        torch.manual_seed(self.seed)
         texts = self._texts()
         tokenizer = self._tokenizer(texts)
         config = LlamaConfig(
@@ -166,8 +159,11 @@ class EmbeddedBase:
             tie_word_embeddings=True,
             **self.architecture,
         )
-        model = LlamaForCausalLM(config)
-        losses = _warm_up(model, tokenizer, texts, self.warmup_steps, self.batch_size, self.lr, self.weight_decay, self.seed)
+        # A private RNG: a run that builds the base must go on exactly like one that loads it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = LlamaForCausalLM(config)
+            losses = _warm_up(model, tokenizer, texts, self.warmup_steps, self.batch_size, self.lr, self.weight_decay, self.seed)
         tmp = self.path.with_name(self.path.name + f".tmp{int(start)}")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from laffi_exp.env import env_true
 from laffi_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,9 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's reading
-
-
 def hub_offline() -> bool:
     """Whether the user asked for no hub access (HF_HUB_OFFLINE, or the older TRANSFORMERS_OFFLINE)."""
-    return _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
+    return env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
