@@ -6,11 +6,12 @@ import logging
 import sys
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from laffi_exp.config import CONF_DIR
-from laffi_exp.errors import ConfigError
+from laffi_exp.errors import AnnotationError, ConfigError
 
 log = logging.getLogger("laffi_exp")
 
@@ -21,7 +22,12 @@ def _task(cfg: DictConfig) -> float:
 
     try:
         metrics = run(cfg)
-    except ConfigError as err:
+    except InstantiationException as err:  # a class in the config refused its arguments
+        cause = err.__cause__
+        text = str(cause) if isinstance(cause, ConfigError) else str(err).strip().splitlines()[0]
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    except (ConfigError, AnnotationError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2)
     except OmegaConfBaseException as err:  # e.g. an interpolation to a value that was never set

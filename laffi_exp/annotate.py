@@ -1,6 +1,11 @@
 """Stage 2, feedback annotation: natural-language feedback on each predicted answer, from a hybrid of
 two annotator pools. ``feedback.human_ratio`` picks which examples go to the human pool, by a hash of
-(seed, example id): the human set at a lower ratio is a subset of the set at a higher one.
+(seed, example id): the human set at a lower ratio is a subset of the set at a higher one. For a share
+of those (``feedback.overlap_ratio``, nested the same way) the synthetic pool annotates too, so that the
+feedback report can compare the pools on the same answers; that feedback is never trained on.
+
+The human pool is a simulated human or a file of feedback written by people (``laffi_exp.human``);
+``python -m laffi_exp.annotate export`` writes the batch of answers for them to annotate.
 
 Offline stand-ins for the two pools:
 - ``SimulatedHuman`` (annotator ``simulated_human``): an accurate verdict, the right answer when the
@@ -12,11 +17,21 @@ Offline stand-ins for the two pools:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from laffi_exp.config import CONF_DIR, validate
+from laffi_exp.errors import ConfigError
 from laffi_exp.prompts import parse_feedback
 from laffi_exp.records import Answer, Feedback, QAExample
 from laffi_exp.squad_metrics import compute_exact
@@ -47,7 +62,14 @@ def evidence(ex: QAExample) -> str:
 
 
 class Annotator(Protocol):
-    """Gives natural-language feedback on one predicted answer."""
+    """Gives natural-language feedback on one predicted answer.
+
+    Optional, used by ``annotate`` where an annotator has them: ``annotate_many(items)`` (the texts
+    for many (example, prediction) pairs at once), ``prepare(shots)`` (before a synthetic batch, the
+    run's human (example, prediction, feedback) items, e.g. as few-shot examples),
+    ``check_against(examples, answers, human_ids)`` (a human file: which ids fall back to synthetic)
+    and ``annotator_for(example_id)`` (a per-example annotator name).
+    """
 
     name: str
     source: str  # "human" or "synthetic"
@@ -140,6 +162,23 @@ def human_ids(ids: Sequence[str], human_ratio: float, seed: int) -> set[str]:
     return {i for i in ids if unit_hash(seed, "human", i) < human_ratio}
 
 
+def overlap_ids(ids: Sequence[str], overlap_ratio: float, seed: int) -> set[str]:
+    """Of ``ids`` (the human-feedback examples), those the synthetic pool annotates too, for the
+    report; nested across ratios like ``human_ids``, by another hash."""
+    if not 0.0 <= overlap_ratio <= 1.0:
+        raise ValueError(f"feedback.overlap_ratio: expected a number in [0, 1], got {overlap_ratio}")
+    return {i for i in ids if unit_hash(seed, "overlap", i) < overlap_ratio}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """What stage 2 gives the pipeline."""
+
+    feedback: list[Feedback]  # one per example, in example order: what trains
+    overlap: list[tuple[Feedback, Feedback]]  # (human, synthetic) on the same answer: for the report only
+    fallback: int  # examples the ratio gave to humans that took synthetic feedback (stale or missing in the file)
+
+
 def annotate(
     examples: Sequence[QAExample],
     answers: Sequence[Answer],
@@ -147,33 +186,131 @@ def annotate(
     synthetic: Annotator,
     human_ratio: float,
     seed: int,
-) -> list[Feedback]:
+    overlap_ratio: float = 0.0,
+) -> Annotation:
     """Feedback for every (example, answer) pair, from the human pool for the ratio's share and from
-    the synthetic pool for the rest."""
-    by_id = {a.id: a for a in answers}
+    the synthetic pool for the rest. The human pool goes first; the synthetic pool is then prepared
+    with the human items (less the overlap) and annotates its share plus the overlap in one batch."""
+    predictions = {a.id: a.prediction for a in answers}
     chosen = human_ids([ex.id for ex in examples], human_ratio, seed)
+    fallback: set[str] = set()
+    if hasattr(human, "check_against"):
+        fallback = set(human.check_against(examples, answers, chosen).fallback)
+    by_human = [(ex, predictions[ex.id]) for ex in examples if ex.id in chosen and ex.id not in fallback]
+    human_fb = {f.id: f for f in _annotate_all(human, by_human)}
+    both = overlap_ids(list(human_fb), overlap_ratio, seed)
+    by_synthetic = [(ex, predictions[ex.id]) for ex in examples if ex.id not in human_fb or ex.id in both]
+    synthetic_fb = {}
+    if by_synthetic:
+        if hasattr(synthetic, "prepare"):
+            # Not the overlap: a shot of the very answer it judges would flatter the pools' agreement.
+            synthetic.prepare([(ex, pred, human_fb[ex.id].feedback) for ex, pred in by_human if ex.id not in both])
+        synthetic_fb = {f.id: f for f in _annotate_all(synthetic, by_synthetic)}
+    feedback = [human_fb[ex.id] if ex.id in human_fb else synthetic_fb[ex.id] for ex in examples]
+    overlap = [(human_fb[ex.id], synthetic_fb[ex.id]) for ex in examples if ex.id in both]
+    log.info(
+        "Feedback: %d human (%.1f%%, ratio %.2f), %d synthetic, %d fell back from human to synthetic, %d overlap",
+        len(human_fb), 100 * len(human_fb) / max(len(examples), 1), human_ratio, len(examples) - len(human_fb), len(fallback), len(overlap),
+    )
+    return Annotation(feedback=feedback, overlap=overlap, fallback=len(fallback))
+
+
+def _annotate_all(annotator: Annotator, items: list[tuple[QAExample, str]]) -> list[Feedback]:
+    """Feedback records for (example, prediction) items: in one call where the annotator batches."""
+    if not items:
+        return []
+    if hasattr(annotator, "annotate_many"):
+        texts = annotator.annotate_many(items)
+    else:
+        texts = [annotator.annotate(ex, prediction) for ex, prediction in items]
+    if len(texts) != len(items):
+        raise RuntimeError(f"annotator {annotator.name}: {len(texts)} feedback texts for {len(items)} answers")
     out = []
-    for ex in examples:
-        prediction = by_id[ex.id].prediction
-        annotator = human if ex.id in chosen else synthetic
-        text = _clean(annotator.annotate(ex, prediction))
+    for (ex, prediction), text in zip(items, texts):
+        text = _clean(text)
         verdict, correction = parse_feedback(text)
-        out.append(
-            Feedback(
-                id=ex.id,
-                question=ex.question,
-                prediction=prediction,
-                feedback=text,
-                source=annotator.source,
-                annotator=annotator.name,
-                verdict=verdict,
-                correction=correction,
-            )
-        )
-    share = len(chosen) / max(len(examples), 1)
-    log.info("Feedback: %d human (%.1f%%, ratio %.2f), %d synthetic", len(chosen), 100 * share, human_ratio, len(examples) - len(chosen))
+        name = annotator.annotator_for(ex.id) if hasattr(annotator, "annotator_for") else annotator.name
+        out.append(Feedback(ex.id, ex.question, prediction, text, annotator.source, name, verdict, correction))
     return out
 
 
 def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m laffi_exp.annotate export [--out PREFIX] [--ids FILE] [--include-gold] [--force]
+    [overrides...]``: the run's stage-1 answers for people to annotate, as JSONL and CSV."""
+    parser = _Parser(
+        prog="python -m laffi_exp.annotate",
+        description="Export predicted answers for human annotation; fill in `feedback`, then run with "
+        "feedback.human.path=FILE.",
+    )
+    parser.add_argument("command", choices=["export"], help="export: write the run's answers to annotate")
+    parser.add_argument("--out", default="human_feedback", help="output prefix: writes PREFIX.jsonl and PREFIX.csv")
+    parser.add_argument("--ids", type=Path, help="a file of example ids, one per line (default: those the ratio gives to humans)")
+    parser.add_argument("--include-gold", action="store_true", help="add a `gold` column (off: annotators judge unprompted)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run, e.g. feedback.human_ratio=0.3")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.error("expected a command: export")
+    opts = parser.parse_intermixed_args(argv)
+    try:
+        jsonl_path, csv_path, count = export(opts.overrides, opts.out, opts.ids, opts.include_gold, opts.force)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override or config value
+        print(f"error: config: {str(err).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {count} answers to annotate: {jsonl_path} and {csv_path}")
+    print("fill in `feedback` (and `annotator_id`) in either, then run with feedback.human.path=<that file>")
+    return 0
+
+
+def export(overrides: Sequence[str], out: str, ids_file: Path | None, include_gold: bool, force: bool) -> tuple[Path, Path, int]:
+    """Compose the run's config, predict its stage-1 answers and export the chosen examples."""
+    from laffi_exp import pipeline  # heavy (torch), and it imports this module
+    from laffi_exp.human import batch_paths, export_batch  # it imports this module
+
+    # Outside a Hydra run there is no run dir for stage 1's files: a default one, which the user's
+    # overrides may replace (the last value of a key wins).
+    run_dir = "paths.output_dir=outputs/${task_name}/exports/${now:%Y-%m-%d_%H-%M-%S}"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[run_dir, *overrides])
+    validate(cfg)
+    batch_paths(out, overwrite=force)  # refuse before the answers are predicted, not after
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise ConfigError(f"--ids: no such file {ids_file}")
+        lines = ids_file.read_text(encoding="utf-8").splitlines()
+        ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not ids:
+            raise ConfigError(f"--ids: {ids_file} lists no ids (one per line)")
+    splits, answers = pipeline.stage1_answers(cfg)
+    examples = [*splits["train"], *splits["validation"]]
+    if ids_file is None:
+        ids = sorted(human_ids([ex.id for ex in examples], cfg.feedback.human_ratio, cfg.seed))
+        if not ids:
+            raise ConfigError(f"feedback.human_ratio={cfg.feedback.human_ratio} gives no example to humans: raise it or pass --ids FILE")
+    jsonl_path, csv_path = export_batch(
+        examples,
+        [*answers["train"], *answers["validation"]],
+        ids,
+        out,
+        include_gold=include_gold,
+        no_answer_text=cfg.prompt.no_answer_text,
+        overwrite=force,
+    )
+    return jsonl_path, csv_path, len(set(ids))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, like every other command-line error here
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -74,10 +74,15 @@ def predict_answers(
     batch_size: int = 32,
     max_prompt_tokens: int | None = None,
     desc: str = "answer",
+    generate_fn: Callable[[list[str], int], list[str]] | None = None,
 ) -> list[Answer]:
-    """Answer every example; ``prediction`` is the SQuAD answer ("" = no answer), ``generation`` the raw text."""
+    """Answer every example; ``prediction`` is the SQuAD answer ("" = no answer), ``generation`` the raw text.
+    ``generate_fn(prompts, max_new_tokens)`` replaces ``generate`` (the pipeline passes a cached one)."""
     prompts = [prompter.answer_prompt(ex) for ex in examples]
-    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc)
+    if generate_fn is not None:
+        generations = generate_fn(prompts, max_new_tokens)
+    else:
+        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc)
     return [
         Answer(id=ex.id, question=ex.question, prediction=prompter.to_answer(g), generation=g)
         for ex, g in zip(examples, generations)

@@ -39,6 +39,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}: the config group is missing from the composed config")
     _number(cfg, "seed", 0, 2**32 - 1, integer=True)
     _number(cfg, "feedback.human_ratio", 0.0, 1.0)
+    _number(cfg, "feedback.overlap_ratio", 0.0, 1.0)
+    if cfg.feedback.human.get("on_missing", "error") not in ("error", "synthetic"):
+        raise ConfigError(f"feedback.human.on_missing: expected 'error' or 'synthetic', got {cfg.feedback.human.on_missing!r}")
     for key in ("dataset.num_train", "dataset.num_eval"):
         _number(cfg, key, 1, float("inf"), integer=True)
     _number(cfg, "method.batch_size", 1, float("inf"), integer=True)
@@ -50,6 +53,8 @@ def validate(cfg: DictConfig) -> None:
     unknown = set(cfg.evaluation.protocols) - {"direct", "reflect"}
     if unknown:
         raise ConfigError(f"evaluation.protocols: unknown protocol(s) {sorted(unknown)}; expected direct and/or reflect")
+    if cfg.cache.on_changed not in ("error", "rerun"):
+        raise ConfigError(f"cache.on_changed: expected 'error' or 'rerun', got {cfg.cache.on_changed!r}")
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and max_steps != -1:
         _number(cfg, "trainer.max_steps", 1, float("inf"), integer=True)

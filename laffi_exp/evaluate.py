@@ -10,7 +10,7 @@ Two protocols:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from laffi_exp.answer import generate
 from laffi_exp.prompts import Prompter, parse_feedback
@@ -42,11 +42,15 @@ def reflect(
     prompter: Prompter,
     max_new_tokens: int,
     batch_size: int,
+    generate_fn: Callable[[list[str], int], list[str]] | None = None,
 ) -> list[Reflection]:
     """Predict feedback on each of the model's own answers and apply the correction it names."""
     by_id = {a.id: a for a in answers}
     prompts = [prompter.feedback_prompt(ex, by_id[ex.id].prediction) for ex in examples]
-    texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="reflect")
+    if generate_fn is not None:
+        texts = generate_fn(prompts, max_new_tokens)
+    else:
+        texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="reflect")
     out = []
     for ex, text in zip(examples, texts):
         first = by_id[ex.id].prediction

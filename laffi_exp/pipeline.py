@@ -1,11 +1,19 @@
 """One experiment run, start to end: answer prediction, feedback annotation, LoRA fine-tuning and
-evaluation, with every artifact written to the run dir. ``run(cfg)`` is what the CLI and tests call."""
+evaluation, with every artifact written to the run dir. ``run(cfg)`` is what the CLI and tests call.
+
+Stage outputs that cost model time (generations, trained adapters) go through a content-addressed
+cache (``laffi_exp.cache``) keyed by exactly their inputs, so the jobs of a sweep share them: stage 1
+runs once for every ratio and seed, SFT trains once per seed, the base is evaluated once. A run dir
+that already holds a finished run of the same config is not run again (``laffi_exp.sweep``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +23,58 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp import annotate as annotation
-from laffi_exp import evaluate
-from laffi_exp.answer import as_predictions, predict_answers
+from laffi_exp import evaluate, sweep
+from laffi_exp.answer import as_predictions, generate, predict_answers
+from laffi_exp.cache import StageCache, folder_fingerprint, text_digest
 from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.window import fit_contexts
-from laffi_exp.io import atomic_write_text, write_json, write_jsonl
-from laffi_exp.train import LoRAFineTuner, PairDataModule
+from laffi_exp.feedback_report import feedback_report, flatten
+from laffi_exp.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from laffi_exp.prompts import Prompter
+from laffi_exp.records import Answer, Feedback, QAExample
+from laffi_exp.train import HistoryLogger, LoRAFineTuner, PairDataModule
 
 log = logging.getLogger(__name__)
 
+# Trainer keys that change no trained weight (left out of the training cache key).
+_DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger", "default_root_dir")
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the flat metrics dict (also written to ``metrics.json``)."""
-    started = time.time()
+
+@dataclass
+class Setup:
+    """What every stage reads: the config, the run dir, the data and the loaded base model."""
+
+    cfg: DictConfig
+    out: Path
+    prompter: Prompter
+    splits: dict[str, list[QAExample]]
+    model: Any
+    tokenizer: Any
+    model_key: str  # identifies the base weights (cache keys of everything generated from them)
+    cache: StageCache
+    annotators: tuple[Any, Any]  # (human pool, synthetic pool), for laffi
+    metrics: dict[str, Any] = field(default_factory=dict)  # -> metrics.json and every logger
+    summary: dict[str, Any] = field(default_factory=dict)  # -> the wandb summary only (e.g. the feedback report)
+
+
+def setup(cfg: DictConfig) -> Setup:
+    """Validate the config and every input, then read the data and load the base model."""
     validate(cfg)
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = instantiate(cfg.dataset)
     dataset.check()
     source = instantiate(cfg.model.source)
     source.check()
     prompter = instantiate(cfg.prompt, no_answer_phrases=tuple(cfg.prompt.no_answer_phrases))
-    human = instantiate(cfg.feedback.human)
-    synthetic = instantiate(cfg.feedback.synthetic)
+    annotators = (None, None)
+    if cfg.method.name == "laffi":
+        annotators = (instantiate(cfg.feedback.human), instantiate(cfg.feedback.synthetic))
+        for annotator in annotators:  # a human file is read, an endpoint is reached, before any model work
+            if hasattr(annotator, "check"):
+                annotator.check()
+    out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    write_resolved_config(cfg, out / "config.yaml")
 
     raw = dataset.splits()
     splits = {name: examples_from_squad(data, source=f"{cfg.dataset.name}/{name}") for name, data in raw.items()}
@@ -51,79 +85,202 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = base.model, base.tokenizer
     if getattr(base, "chat_template", False):
         prompter = dataclasses.replace(prompter, wrap=base.format_prompt)
-    gen = cfg.generation
     metrics: dict[str, Any] = {}
     # Passages longer than the model's window are shortened (see laffi_exp/data/window.py).
+    gen = cfg.generation
     window = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length)
     budget = window - gen.max_new_tokens - gen.feedback_max_new_tokens
     for name in splits:
         splits[name], metrics[f"data/shortened_{name}"] = fit_contexts(
             splits[name], tokenizer, prompter, budget, around_answer=name != "test"
         )
-    loggers = instantiate_loggers(cfg)
-    try:
-        # 1. Answer prediction (the base model on the training and validation questions).
-        feedback = {}
-        if cfg.method.name == "laffi":
-            for split, prefix in (("train", ""), ("validation", "val_")):
-                answers = predict_answers(model, tokenizer, splits[split], prompter, gen.max_new_tokens, gen.batch_size, desc=f"answer {split}")
-                write_jsonl(out / f"{prefix}answers.jsonl", answers)
-                # 2. Feedback annotation (hybrid: human share by ratio, synthetic for the rest).
-                feedback[split] = annotation.annotate(splits[split], answers, human, synthetic, cfg.feedback.human_ratio, cfg.seed)
-                write_jsonl(out / f"{prefix}feedback.jsonl", feedback[split])
-            train_fb = feedback["train"]
-            metrics["feedback/human_share"] = sum(f.source == "human" for f in train_fb) / len(train_fb)
-            metrics["feedback/base_correct_share"] = sum(
-                annotation.is_correct(ex, f.prediction) for ex, f in zip(splits["train"], train_fb)
-            ) / len(train_fb)
+    model_spec = {"model": OmegaConf.to_container(cfg.model.source, resolve=True), "weights": folder_fingerprint(base.path) if base.path else None}
+    model_key = StageCache("").key(model_spec)
+    cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, metrics)
 
-        # 3. Fine-tuning with LoRA (feedback prediction for laffi, gold answers for sft).
-        build = instantiate(cfg.method.pairs)
-        datamodule = PairDataModule(
-            tokenizer,
-            build(splits["train"], feedback.get("train", []), prompter),
-            build(splits["validation"], feedback.get("validation", []), prompter),
-            batch_size=cfg.method.batch_size,
-            max_length=cfg.model.max_length,
-            seed=cfg.seed,
+
+def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tokens: int, label: str = "generate") -> list[str]:
+    """``answer.generate`` through the stage cache: the same model, prompts and settings are generated once."""
+    gen = s.cfg.generation
+    spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": gen.batch_size}
+
+    def build(folder: Path) -> None:
+        texts = generate(model, s.tokenizer, prompts, max_new_tokens, gen.batch_size, desc=label)
+        write_jsonl(folder / "generations.jsonl", [{"text": t} for t in texts])
+
+    entry = s.cache.get_or_build("generations", spec, build, label=label, scratch=s.out / ".scratch")
+    return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
+
+
+def _generator(s: Setup, model, model_key: str, label: str):
+    return partial(generations, s, model, model_key, label=label)
+
+
+# -- 1. Answer prediction ---------------------------------------------------------------------------
+def predict(s: Setup, split: str) -> list[Answer]:
+    """The base model's answers to one split's questions."""
+    gen = s.cfg.generation
+    return predict_answers(
+        s.model, s.tokenizer, s.splits[split], s.prompter, gen.max_new_tokens, gen.batch_size,
+        generate_fn=_generator(s, s.model, s.model_key, f"answer_{split}"),
+    )
+
+
+def stage1_answers(cfg: DictConfig) -> tuple[dict[str, list[QAExample]], dict[str, list[Answer]]]:
+    """The splits and the base model's answers to the training and validation questions (what humans
+    are asked to annotate); shared with ``run`` through the stage cache."""
+    s = setup(cfg)
+    return s.splits, {split: predict(s, split) for split in ("train", "validation")}
+
+
+# -- 2. Feedback annotation -------------------------------------------------------------------------
+def annotate(s: Setup, answers: dict[str, list[Answer]]) -> dict[str, list[Feedback]]:
+    """Hybrid feedback on the base's answers; ``feedback_report.json`` says how good each pool is."""
+    cfg = s.cfg
+    human, synthetic = s.annotators
+    if hasattr(human, "check_against"):  # a file of human feedback: stale or missing rows are refused here
+        examples = s.splits["train"] + s.splits["validation"]
+        chosen = annotation.human_ids([ex.id for ex in examples], cfg.feedback.human_ratio, cfg.seed)
+        check = human.check_against(examples, answers["train"] + answers["validation"], chosen)
+        (log.warning if check.unknown else log.info)(check.summary())
+    feedback, report, fallback = {}, {}, 0
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        result = annotation.annotate(
+            s.splits[split], answers[split], human, synthetic, cfg.feedback.human_ratio, cfg.seed, overlap_ratio=cfg.feedback.overlap_ratio
         )
-        metrics["train/examples"] = len(datamodule.train_set)
-        metrics["train/dropped_too_long"] = datamodule.train_set.dropped
-        module = LoRAFineTuner(model, instantiate(cfg.method.lora, _convert_="all"), instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
-        trainer = instantiate(cfg.trainer, logger=list(loggers.values()), default_root_dir=str(out))
+        feedback[split], fallback = result.feedback, fallback + result.fallback
+        write_jsonl(s.out / f"{prefix}feedback.jsonl", result.feedback)
+        if result.overlap:
+            write_jsonl(s.out / f"{prefix}overlap_feedback.jsonl", [{"human": dataclasses.asdict(h), "synthetic": dataclasses.asdict(y)} for h, y in result.overlap])
+        report[split] = feedback_report(s.splits[split], result.feedback, result.overlap)
+    write_json(s.out / "feedback_report.json", report)
+    s.summary.update(flatten(report["train"], prefix="feedback_report"))
+    train_fb = feedback["train"]
+    s.metrics["feedback/human_share"] = sum(f.source == "human" for f in train_fb) / len(train_fb)
+    s.metrics["feedback/human_fallback"] = fallback
+    s.metrics["feedback/base_correct_share"] = sum(
+        annotation.is_correct(ex, f.prediction) for ex, f in zip(s.splits["train"], train_fb)
+    ) / len(train_fb)
+    return feedback
+
+
+# -- 3. Fine-tuning with LoRA -----------------------------------------------------------------------
+def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, Any]) -> tuple[Any, str]:
+    """Train the LoRA adapter (feedback prediction for laffi, gold answers for sft); returns the peft
+    model and the adapter's cache key. A cached adapter is loaded and its loss curves replayed."""
+    cfg = s.cfg
+    build_pairs = instantiate(cfg.method.pairs)
+    train_pairs = build_pairs(s.splits["train"], feedback.get("train", []), s.prompter)
+    val_pairs = build_pairs(s.splits["validation"], feedback.get("validation", []), s.prompter)
+    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY}
+    spec = {
+        "model": s.model_key,
+        "train": text_digest(t for p in train_pairs for t in (p.prompt, p.target)),
+        "validation": text_digest(t for p in val_pairs for t in (p.prompt, p.target)),
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "max_length": cfg.model.max_length,
+        "seed": cfg.seed,
+        "trainer": trainer_cfg,
+    }
+
+    def build(folder: Path) -> None:
+        datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
+        module = LoRAFineTuner(s.model, instantiate(cfg.method.lora, _convert_="all"), instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
+        history = HistoryLogger()
+        trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
         module.train()  # from_pretrained leaves the model in eval mode
         trainer.fit(module, datamodule=datamodule)
-        peft_model = module.model
-        peft_model.save_pretrained(out / "adapter", safe_serialization=True)
-        write_resolved_config(cfg, out / "adapter" / "config.yaml")
-        metrics["train/final_val_loss"] = float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan"))))
+        module.model.save_pretrained(folder / "adapter", safe_serialization=True)
+        write_jsonl(folder / "history.jsonl", history.rows)
+        write_json(folder / "train.json", {
+            "train/examples": len(datamodule.train_set),
+            "train/dropped_too_long": datamodule.train_set.dropped,
+            "train/final_val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan")))),
+        })
+        s.model = module.model  # the trained peft model, for evaluation in this process
 
-        # 4. Evaluation on held-out questions: the untrained base, then the fine-tuned model.
-        test = splits["test"]
-        with peft_model.disable_adapter():
-            base_answers = predict_answers(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, desc="base test")
-        write_json(out / "base_predictions.json", as_predictions(base_answers))
-        metrics.update(evaluate.score(test, as_predictions(base_answers), "base"))
-        answers = predict_answers(peft_model, tokenizer, test, prompter, gen.max_new_tokens, gen.batch_size, desc="test")
-        write_json(out / "predictions.json", as_predictions(answers))
-        write_jsonl(out / "test_generations.jsonl", answers)
-        metrics.update(evaluate.score(test, as_predictions(answers), "test"))
-        metrics["test/no_answer_predictions"] = sum(a.prediction == "" for a in answers)
-        reflections = []
-        if cfg.method.name == "laffi" and "reflect" in cfg.evaluation.protocols:
-            reflections = evaluate.reflect(peft_model, tokenizer, test, answers, prompter, gen.feedback_max_new_tokens, gen.batch_size)
-            reflect_predictions = {r.id: r.prediction for r in reflections}
-            write_json(out / "reflect_predictions.json", reflect_predictions)
-            write_jsonl(out / "reflections.jsonl", reflections)
-            metrics.update(evaluate.score(test, reflect_predictions, "test_reflect"))
-            metrics["test_reflect/changed"] = sum(r.prediction != r.first_answer for r in reflections)
+    entry = s.cache.get_or_build("adapters", spec, build, label="train", scratch=s.out / ".scratch")
+    if s.cache.events["train"]["hit"]:
+        from peft import PeftModel
+
+        log.info("Training: reusing the adapter trained with the same inputs (%s)", entry)
+        s.model = PeftModel.from_pretrained(s.model, entry / "adapter")
+        for row in read_jsonl(entry / "history.jsonl"):  # the cached run's loss curves, for this run's loggers
+            for lg in loggers.values():
+                lg.log_metrics(row["metrics"], step=row["step"])
+    s.metrics.update(read_json(entry / "train.json"))
+    s.model.save_pretrained(s.out / "adapter", safe_serialization=True)
+    write_resolved_config(cfg, s.out / "adapter" / "config.yaml")
+    return s.model, s.cache.key(spec)
+
+
+# -- 4. Evaluation on held-out questions --------------------------------------------------------------
+def evaluate_all(s: Setup, peft_model, adapter_key: str) -> tuple[list[Answer], list[Answer], list[evaluate.Reflection]]:
+    """The untrained base (adapter disabled), then the fine-tuned model: direct, and reflect for laffi."""
+    cfg, gen, test = s.cfg, s.cfg.generation, s.splits["test"]
+    with peft_model.disable_adapter():
+        base_answers = predict_answers(
+            peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
+            generate_fn=_generator(s, peft_model, s.model_key, "base_test"),
+        )
+    write_json(s.out / "base_predictions.json", as_predictions(base_answers))
+    s.metrics.update(evaluate.score(test, as_predictions(base_answers), "base"))
+    answers = predict_answers(
+        peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
+        generate_fn=_generator(s, peft_model, adapter_key, "test"),
+    )
+    write_json(s.out / "predictions.json", as_predictions(answers))
+    write_jsonl(s.out / "test_generations.jsonl", answers)
+    s.metrics.update(evaluate.score(test, as_predictions(answers), "test"))
+    s.metrics["base/no_answer_predictions"] = sum(a.prediction == "" for a in base_answers)
+    s.metrics["test/no_answer_predictions"] = sum(a.prediction == "" for a in answers)
+    reflections = []
+    if cfg.method.name == "laffi" and "reflect" in cfg.evaluation.protocols:
+        reflections = evaluate.reflect(
+            peft_model, s.tokenizer, test, answers, s.prompter, gen.feedback_max_new_tokens, gen.batch_size,
+            generate_fn=_generator(s, peft_model, adapter_key, "reflect"),
+        )
+        reflect_predictions = {r.id: r.prediction for r in reflections}
+        write_json(s.out / "reflect_predictions.json", reflect_predictions)
+        write_jsonl(s.out / "reflections.jsonl", reflections)
+        s.metrics.update(evaluate.score(test, reflect_predictions, "test_reflect"))
+        s.metrics["test_reflect/changed"] = sum(r.prediction != r.first_answer for r in reflections)
+    return base_answers, answers, reflections
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment; returns the flat metrics dict (also written to ``metrics.json``)."""
+    started = time.time()
+    validate(cfg)
+    out = Path(cfg.paths.output_dir)
+    done = sweep.finished_metrics(cfg, out)  # a finished cell of a re-run sweep: nothing to do
+    if done is not None:
+        return done
+    s = setup(cfg)
+    write_resolved_config(cfg, out / "config.yaml")
+    sweep.mark(cfg, out, "running")
+    loggers = instantiate_loggers(cfg)
+    try:
+        answers: dict[str, list[Answer]] = {}
+        feedback: dict[str, list[Feedback]] = {}
+        if cfg.method.name == "laffi":
+            for split, prefix in (("train", ""), ("validation", "val_")):
+                answers[split] = predict(s, split)
+                write_jsonl(out / f"{prefix}answers.jsonl", answers[split])
+            feedback = annotate(s, answers)
+        peft_model, adapter_key = fine_tune(s, feedback, loggers)
+        base_answers, test_answers, reflections = evaluate_all(s, peft_model, adapter_key)
+        metrics = s.metrics
         metrics["time/seconds"] = round(time.time() - started, 1)
         write_json(out / "metrics.json", metrics)
-        log_results(loggers, metrics, test, base_answers, answers, reflections, cfg.evaluation.num_samples_logged)
+        log_results(loggers, metrics, s.summary, s.splits["test"], base_answers, test_answers, reflections, cfg.evaluation.num_samples_logged)
     except BaseException:
         finish_loggers(loggers, failed=True)
+        sweep.mark(cfg, out, "failed", stages=s.cache.events)
         raise
     finish_loggers(loggers, failed=False)
+    sweep.mark(cfg, out, "finished", stages=s.cache.events, seconds=metrics["time/seconds"])
     print_summary(metrics, out)
     return metrics
 
@@ -134,14 +291,17 @@ def write_resolved_config(cfg: DictConfig, path: Path) -> None:
 
 def instantiate_loggers(cfg: DictConfig) -> dict[str, Any]:
     """The Lightning loggers of ``cfg.logger``, each given the resolved config as hyper-parameters."""
-    loggers = {name: instantiate(node) for name, node in (cfg.get("logger") or {}).items()}
+    nodes = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    if "wandb" in nodes and nodes["wandb"].get("group") is None and sweep.sweep_dir() is not None:
+        nodes["wandb"]["group"] = sweep.sweep_dir().name  # one wandb group per sweep
+    loggers = {name: instantiate(node) for name, node in nodes.items()}
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers.values():
         lg.log_hyperparams(hparams)
     return loggers
 
 
-def log_results(loggers, metrics, test, base_answers, answers, reflections, num_samples) -> None:
+def log_results(loggers, metrics, summary, test, base_answers, answers, reflections, num_samples) -> None:
     """Final metrics to every logger; a table of sample predictions (with feedback) to wandb."""
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     for lg in loggers.values():
@@ -150,6 +310,7 @@ def log_results(loggers, metrics, test, base_answers, answers, reflections, num_
     if "wandb" in loggers:
         run = loggers["wandb"].experiment
         run.summary.update(numeric)
+        run.summary.update(summary)
         reflect_by_id = {r.id: r for r in reflections}
         rows = []
         for ex, b, a in list(zip(test, base_answers, answers))[:num_samples]:

@@ -40,8 +40,9 @@ class Answer:
 class Feedback:
     """Stage 2 output: natural-language feedback on one predicted answer.
 
-    ``verdict`` (correct / incorrect / no_answer) and ``correction`` are what the feedback text
-    says, parsed back from it, not what the annotator knew.
+    ``verdict`` (correct / incorrect / unknown) and ``correction`` (the answer it names; "" when it
+    says the question has no answer; None when it names none) are what the feedback text says, parsed
+    back from it (``laffi_exp.prompts.parse_feedback``), not what the annotator knew.
     """
 
     id: str
@@ -49,6 +50,6 @@ class Feedback:
     prediction: str
     feedback: str
     source: str  # "human" or "synthetic"
-    annotator: str  # e.g. "simulated_human", "rule_based"
+    annotator: str  # e.g. "simulated_human", "rule_based", or a human file's annotator_id ("human_file" without one)
     verdict: str
     correction: str | None

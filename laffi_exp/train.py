@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -110,6 +112,31 @@ class PairDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self._collate)
+
+
+class HistoryLogger(Logger):
+    """Keeps every logged metric row in memory (``rows``: step and metrics), so that a cached
+    training run can replay its loss curves to a later run's loggers."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[dict] = []
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append({"step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
 
 
 class LoRAFineTuner(pl.LightningModule):

@@ -68,17 +68,20 @@ def test_predictions_are_official_format_and_rescore_to_the_metrics(laffi_run):
         assert rescored["f1"] == pytest.approx(metrics[f"{prefix}/f1"])
 
 
-def test_same_seed_same_results(laffi_run, tmp_path, cache_dir):
+@pytest.mark.parametrize("cached", [False, True], ids=["computed-again", "from-stage-cache"])
+def test_same_seed_same_results(laffi_run, tmp_path, cached):
     cfg, metrics, out = laffi_run
     from omegaconf import open_dict
 
+    cfg = cfg.copy()
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "again")
+        cfg.cache.enabled = cached
     again = run(cfg)
     drop = {"time/seconds"}
     assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in metrics.items() if k not in drop}
-    assert (tmp_path / "again" / "predictions.json").read_text() == (out / "predictions.json").read_text()
-    assert (tmp_path / "again" / "feedback.jsonl").read_text() == (out / "feedback.jsonl").read_text()
+    for name in ("predictions.json", "reflect_predictions.json", "feedback.jsonl", "answers.jsonl"):
+        assert (tmp_path / "again" / name).read_text() == (out / name).read_text(), name
 
 
 def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
@@ -92,8 +95,8 @@ def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
 
 def test_a_run_that_builds_the_base_matches_one_that_loads_it(make_cfg, tmp_path):
     fresh = tmp_path / "fresh_cache"
-    first = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}"))  # builds
-    second = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'b'}"))  # loads
+    first = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false"))  # builds
+    second = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'b'}", "cache.enabled=false"))  # loads
     drop = {"time/seconds"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
     assert (tmp_path / "a" / "feedback.jsonl").read_text() == (tmp_path / "b" / "feedback.jsonl").read_text()

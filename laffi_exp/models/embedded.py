@@ -9,10 +9,12 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from laffi_exp.annotate import SimulatedHuman, unit_hash
 from laffi_exp.data.squad import examples_from_squad
@@ -43,6 +45,7 @@ class EmbeddedBase:
         batch_size: int = 32,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
+        feedback_share: float = 0.25,
     ):
         self.cache_dir = Path(cache_dir).expanduser()
         self.architecture = dict(architecture)
@@ -53,6 +56,7 @@ class EmbeddedBase:
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.feedback_share = feedback_share
 
     def spec(self) -> dict:
         """Exactly the inputs that determine the built weights."""
@@ -68,6 +72,7 @@ class EmbeddedBase:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "prompt": [Prompter().answer_template, Prompter().no_answer_text],
+            **({"feedback_share": self.feedback_share} if self.feedback_share != 0.25 else {}),
         }
 
     def key(self) -> str:
@@ -87,7 +92,10 @@ class EmbeddedBase:
 
         self.check()
         if not (self.path / "build_info.json").is_file():
-            self.build()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.path) + ".lock"):  # parallel sweep jobs: one builds, the others wait
+                if not (self.path / "build_info.json").is_file():
+                    self.build()
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.path)
         model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         return BaseModel(model=model, tokenizer=tokenizer, name=f"embedded-{self.key()}", path=str(self.path))
@@ -106,11 +114,11 @@ class EmbeddedBase:
         texts = []
         for ex in pool:
             u = unit_hash(self.seed, "feedback", ex.id)
-            if u >= 0.25:
+            if u >= self.feedback_share:
                 texts.append(prompter.answer_prompt(ex) + prompter.answer_target(ex.gold))
                 continue
             candidate = ex.gold
-            if u < 0.125:  # a wrong candidate
+            if u < self.feedback_share / 2:  # a wrong candidate
                 others = [a for a in spans[ex.context] if a not in ex.answers]
                 candidate = others[0] if others else ("" if ex.answers else spans[ex.context][0] if spans[ex.context] else "")
             texts.append(prompter.feedback_prompt(ex, candidate) + prompter.feedback_target(human.annotate(ex, candidate)))
@@ -232,7 +240,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[])
+        cfg = compose(config_name="config", overrides=sys.argv[1:])
     base = instantiate(cfg.model.source)
     print(base.load().path)
 

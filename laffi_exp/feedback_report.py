@@ -1,0 +1,130 @@
+"""The feedback report of a run: per source and per annotator, how often the feedback's verdict agrees
+with the gold answers (SQuAD exact match and F1 of the judged prediction), how good its corrections are
+and how long it is; and, where human and synthetic feedback judge the same answers, how often they agree.
+
+Shares are in [0, 1] (None where nothing was counted); ``exact`` and ``f1`` are on the SQuAD 0-100 scale.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from laffi_exp.records import Feedback, QAExample
+from laffi_exp.squad_metrics import compute_exact, compute_f1
+
+VERDICTS = ("correct", "incorrect", "unknown")
+
+
+def feedback_report(
+    examples: Sequence[QAExample],
+    feedback: Sequence[Feedback],
+    overlap: Sequence[tuple[Feedback, Feedback]] | None = None,
+) -> dict[str, Any]:
+    """The report for the feedback on ``examples``; ``overlap`` holds (human, synthetic) pairs on the
+    same answers (``laffi_exp.annotate.Annotation.overlap``)."""
+    gold = {ex.id: ex for ex in examples}
+    unknown = [f.id for f in feedback if f.id not in gold] + [f.id for pair in overlap or () for f in pair if f.id not in gold]
+    if unknown:
+        raise ValueError(f"feedback_report: {len(unknown)} feedback ids are not among the examples: {', '.join(unknown[:5])}")
+    report: dict[str, Any] = {
+        "count": len(feedback),
+        "sources": {name: _stats(group, gold) for name, group in _by(feedback, lambda f: f.source).items()},
+        "annotators": {name: _stats(group, gold) for name, group in _by(feedback, lambda f: f.annotator).items()},
+    }
+    if overlap:
+        report["overlap"] = _agreement(overlap, gold)
+    return report
+
+
+def flatten(report: dict[str, Any], prefix: str = "feedback_report") -> dict[str, float]:
+    """The report's numbers as flat ``prefix/a/b`` keys (e.g. for a wandb summary); None left out."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def _stats(feedback: list[Feedback], gold: dict[str, QAExample]) -> dict[str, Any]:
+    exact = {f.id: _best(compute_exact, gold[f.id], f.prediction) for f in feedback}
+    f1 = {f.id: _best(compute_f1, gold[f.id], f.prediction) for f in feedback}
+    judged = [f for f in feedback if f.verdict in ("correct", "incorrect")]
+    said_correct = [f for f in judged if f.verdict == "correct"]
+    said_incorrect = [f for f in judged if f.verdict == "incorrect"]
+    corrections = [f for f in said_incorrect if f.correction is not None]
+    return {
+        "count": len(feedback),
+        "verdicts": {**{v: 0 for v in VERDICTS}, **Counter(f.verdict for f in feedback)},
+        # Feedback that says the question has no answer (a correction of "").
+        "says_no_answer": sum(f.correction == "" for f in feedback),
+        # The verdict against the truth: "correct" iff the prediction matches a gold answer (EM = 1),
+        # or, more leniently, overlaps one (F1 >= 0.5). Feedback with an unknown verdict is left out.
+        "agreement_exact": _share(judged, lambda f: (f.verdict == "correct") == (exact[f.id] == 1)),
+        "agreement_f1": _share(judged, lambda f: (f.verdict == "correct") == (f1[f.id] >= 0.5)),
+        "judged_correct": _quality(said_correct, exact, f1),
+        "judged_incorrect": _quality(said_incorrect, exact, f1),
+        "correction_share": _share(said_incorrect, lambda f: f.correction is not None),
+        "correction_exact": _share(corrections, lambda f: _best(compute_exact, gold[f.id], f.correction) == 1),
+        "chars": _lengths([len(f.feedback) for f in feedback]),
+        "words": _lengths([len(f.feedback.split()) for f in feedback]),
+    }
+
+
+def _agreement(pairs: Sequence[tuple[Feedback, Feedback]], gold: dict[str, QAExample]) -> dict[str, Any]:
+    """Human against synthetic verdicts on the same answers: raw agreement and Cohen's kappa, and
+    each side against the gold answers on just these answers."""
+    humans, synthetics = [h for h, _ in pairs], [s for _, s in pairs]
+    return {
+        "count": len(pairs),
+        "verdict_agreement": _share(pairs, lambda p: p[0].verdict == p[1].verdict),
+        "kappa": cohen_kappa([h.verdict for h in humans], [s.verdict for s in synthetics]),
+        "human_agreement_exact": _stats(humans, gold)["agreement_exact"],
+        "synthetic_agreement_exact": _stats(synthetics, gold)["agreement_exact"],
+    }
+
+
+def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
+    """Cohen's kappa of two raters' labels on the same items; None where it is undefined (no items,
+    or both raters always give one and the same label, so chance agreement is 1)."""
+    n = len(a)
+    if n == 0:
+        return None
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    count_a, count_b = Counter(a), Counter(b)
+    chance = sum(count_a[k] * count_b[k] for k in count_a) / n**2
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def _best(metric: Callable[[str, str], float], ex: QAExample, prediction: str) -> float:
+    return max(metric(g, prediction) for g in (ex.answers or ("",)))
+
+
+def _share(items: Sequence, test: Callable[[Any], bool]) -> float | None:
+    return sum(map(test, items)) / len(items) if items else None
+
+
+def _quality(feedback: list[Feedback], exact: dict[str, float], f1: dict[str, float]) -> dict[str, Any]:
+    """How good the predictions in ``feedback`` really are (SQuAD 0-100)."""
+    return {
+        "count": len(feedback),
+        "exact": 100 * statistics.fmean(exact[f.id] for f in feedback) if feedback else None,
+        "f1": 100 * statistics.fmean(f1[f.id] for f in feedback) if feedback else None,
+    }
+
+
+def _lengths(values: list[int]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _by(feedback: Sequence[Feedback], key: Callable[[Feedback], str]) -> dict[str, list[Feedback]]:
+    groups: dict[str, list[Feedback]] = {}
+    for f in feedback:
+        groups.setdefault(key(f), []).append(f)
+    return groups
