@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: help install test test-slow run run-sft base-model clean
+.PHONY: help install test test-slow run run-sft ablation compare base-model clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,12 @@ run: ## one LaFFi run on the embedded default
 
 run-sft: ## the SFT baseline on the embedded default
 	$(PYTHON) -m laffi_exp method=sft
+
+ablation: ## the human-share ablation sweep (results table and plot in outputs/experiments/ablation_ratio)
+	$(PYTHON) -m laffi_exp +experiment=ablation_ratio
+
+compare: ## base vs SFT vs LaFFi over seeds, with paired differences
+	$(PYTHON) -m laffi_exp +experiment=compare_methods
 
 base-model: ## build (or find) the embedded default base model in the cache
 	$(PYTHON) -m laffi_exp.models.embedded

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from laffi_exp import distributed
 from laffi_exp.config import CONF_DIR
 from laffi_exp.errors import AnnotationError, ConfigError
 
@@ -37,7 +40,27 @@ def _task(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    _task()
+    try:
+        join_launched_ranks()
+        _task()
+    finally:
+        distributed.shutdown()
+
+
+def join_launched_ranks() -> None:
+    """Under torchrun or srun every rank runs this command: the process group starts before Hydra, so
+    that all ranks name their run dir after rank 0's start time, and Hydra writes nothing for ranks > 0
+    (no ``.hydra/`` copy, logs to the console alone; Lightning does the same for the ranks it starts)."""
+    distributed.init()
+    if distributed.world_size() == 1:
+        return
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        if distributed.is_main():
+            print("error: a sweep (-m) is not run under torchrun/srun: launch one distributed run per cell", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    os.environ[distributed.RUN_TIME_ENV] = distributed.from_main(time.strftime(distributed.RUN_TIME_FORMAT))
+    if not distributed.is_main():
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ def generate(
     pad_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     newline_ids = _newline_ids(tokenizer)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, mininterval=2):
-            idx = order[start : start + batch_size]
+        for idx in tqdm(batches(prompts, batch_size), desc=desc, leave=False, mininterval=2):
             enc = tokenizer(
                 [prompts[i] for i in idx],
                 return_tensors="pt",
@@ -57,6 +55,13 @@ def generate(
         tokenizer.padding_side = pad_side
         model.train(was_training)
     return out
+
+
+def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """The indices of ``prompts`` in the batches that ``generate`` forms: sorted by length (stable),
+    then cut every ``batch_size``."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _newline_ids(tokenizer) -> list[int]:

@@ -5,10 +5,16 @@ Stage outputs that cost model time (generations, trained adapters) go through a 
 cache (``laffi_exp.cache``) keyed by exactly their inputs, so the jobs of a sweep share them: stage 1
 runs once for every ratio and seed, SFT trains once per seed, the base is evaluated once. A run dir
 that already holds a finished run of the same config is not run again (``laffi_exp.sweep``).
+
+Launched as several processes (``torchrun`` or ``srun``, with ``trainer=ddp|ddp_cpu|fsdp``), every
+rank runs this same program: each generates its share of every batch of prompts and all gather the
+results, Lightning's DDP or FSDP trains, and rank 0 alone annotates, writes files, logs and touches
+the cache (``laffi_exp.distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -23,12 +29,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp import annotate as annotation
-from laffi_exp import evaluate, sweep
-from laffi_exp.answer import as_predictions, generate, predict_answers
-from laffi_exp.cache import StageCache, folder_fingerprint, text_digest
+from laffi_exp import distributed, evaluate, sweep
+from laffi_exp.answer import as_predictions, batches, generate, predict_answers
+from laffi_exp.cache import StageCache, code_versions, folder_fingerprint, text_digest
 from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.window import fit_contexts
+from laffi_exp.errors import ConfigError
 from laffi_exp.feedback_report import feedback_report, flatten
 from laffi_exp.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from laffi_exp.prompts import Prompter
@@ -70,19 +77,21 @@ def setup(cfg: DictConfig) -> Setup:
     annotators = (None, None)
     if cfg.method.name == "laffi":
         annotators = (instantiate(cfg.feedback.human), instantiate(cfg.feedback.synthetic))
-        for annotator in annotators:  # a human file is read, an endpoint is reached, before any model work
-            if hasattr(annotator, "check"):
-                annotator.check()
-    out.mkdir(parents=True, exist_ok=True)
+        distributed.on_main(_check_annotators, annotators)  # rank 0 alone annotates
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    raw = dataset.splits()
+    with distributed.main_first():  # a download lands once
+        raw = dataset.splits()
     splits = {name: examples_from_squad(data, source=f"{cfg.dataset.name}/{name}") for name, data in raw.items()}
-    write_json(out / "eval_data.json", raw["test"], indent=None)  # score again with `python -m laffi_exp.score`
-    write_json(out / "chosen_ids.json", {name: [ex.id for ex in exs] for name, exs in splits.items()})
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval_data.json", raw["test"], indent=None)  # score again with `python -m laffi_exp.score`
+        write_json(out / "chosen_ids.json", {name: [ex.id for ex in exs] for name, exs in splits.items()})
     log.info("Data: %s", ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    base = source.load()
+    with distributed.main_first():  # the embedded base is built once
+        base = source.load()
     model, tokenizer = base.model, base.tokenizer
+    on_device(model, cfg)
     if getattr(base, "chat_template", False):
         prompter = dataclasses.replace(prompter, wrap=base.format_prompt)
     metrics: dict[str, Any] = {}
@@ -94,23 +103,71 @@ def setup(cfg: DictConfig) -> Setup:
         splits[name], metrics[f"data/shortened_{name}"] = fit_contexts(
             splits[name], tokenizer, prompter, budget, around_answer=name != "test"
         )
-    model_spec = {"model": OmegaConf.to_container(cfg.model.source, resolve=True), "weights": folder_fingerprint(base.path) if base.path else None}
+    model_spec = {
+        "model": OmegaConf.to_container(cfg.model.source, resolve=True),
+        "weights": weights_fingerprint(base.path, cfg.model.source.get("cache_dir")),
+        "code": code_versions(),
+    }
     model_key = StageCache("").key(model_spec)
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, metrics)
 
 
+def weights_fingerprint(path: str | None, cache_dir: str | None) -> dict | None:
+    """What identifies the loaded weights: the model folder's files, or for a hub id the local snapshot
+    folder it was loaded from (its path names the commit)."""
+    if not path:
+        return None
+    if not Path(path).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the local cache: the id alone
+            return {"hub_id": path}
+    return folder_fingerprint(path)
+
+
+def generation_device(cfg: DictConfig) -> torch.device:
+    """Where generation runs: this rank's GPU when the trainer uses GPUs and one is there, else the CPU."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def on_device(model, cfg: DictConfig) -> None:
+    """Move the model to the generation device (4-bit models are placed by their loader and stay)."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to(generation_device(cfg))
+
+
+def _check_annotators(annotators) -> None:
+    for annotator in annotators:  # a human file is read, an endpoint is reached, before any model work
+        if hasattr(annotator, "check"):
+            annotator.check()
+
+
 def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tokens: int, label: str = "generate") -> list[str]:
-    """``answer.generate`` through the stage cache: the same model, prompts and settings are generated once."""
+    """``answer.generate`` through the stage cache: the same model, prompts and settings are generated
+    once. With several ranks each generates its share of the batches, and every rank gets all texts."""
     gen = s.cfg.generation
     spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": gen.batch_size}
 
-    def build(folder: Path) -> None:
-        texts = generate(model, s.tokenizer, prompts, max_new_tokens, gen.batch_size, desc=label)
+    def compute() -> list[str]:
+        mine = distributed.my_share(batches(prompts, gen.batch_size))
+        texts = generate(model, s.tokenizer, [prompts[i] for i in mine], max_new_tokens, gen.batch_size, desc=label)
+        if distributed.world_size() > 1:
+            log.info("Generation %s: rank %d/%d generated %d of %d prompts", label, distributed.rank(), distributed.world_size(), len(mine), len(prompts))
+        return distributed.gather_in_order(mine, texts, len(prompts))
+
+    def write(folder: Path, texts: list[str]) -> None:
         write_jsonl(folder / "generations.jsonl", [{"text": t} for t in texts])
 
-    entry = s.cache.get_or_build("generations", spec, build, label=label, scratch=s.out / ".scratch")
-    return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
+    def read(entry: Path) -> list[str]:
+        return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
+
+    return s.cache.get_or_compute("generations", spec, compute, write, read, label=label, scratch=s.out / ".scratch")
 
 
 def _generator(s: Setup, model, model_key: str, label: str):
@@ -136,7 +193,8 @@ def stage1_answers(cfg: DictConfig) -> tuple[dict[str, list[QAExample]], dict[st
 
 # -- 2. Feedback annotation -------------------------------------------------------------------------
 def annotate(s: Setup, answers: dict[str, list[Answer]]) -> dict[str, list[Feedback]]:
-    """Hybrid feedback on the base's answers; ``feedback_report.json`` says how good each pool is."""
+    """Hybrid feedback on the base's answers; ``feedback_report.json`` says how good each pool is.
+    Rank 0 alone runs it in a distributed run (an LLM annotator costs, a response cache is written)."""
     cfg = s.cfg
     human, synthetic = s.annotators
     if hasattr(human, "check_against"):  # a file of human feedback: stale or missing rows are refused here
@@ -182,36 +240,47 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         "max_length": cfg.model.max_length,
         "seed": cfg.seed,
         "trainer": trainer_cfg,
+        "world_size": distributed.world_size(),  # the global batch
+        "device": generation_device(cfg).type,
     }
 
-    def build(folder: Path) -> None:
+    def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
         datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
         module = LoRAFineTuner(s.model, instantiate(cfg.method.lora, _convert_="all"), instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
         history = HistoryLogger()
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
         module.train()  # from_pretrained leaves the model in eval mode
         trainer.fit(module, datamodule=datamodule)
-        module.model.save_pretrained(folder / "adapter", safe_serialization=True)
-        write_jsonl(folder / "history.jsonl", history.rows)
-        write_json(folder / "train.json", {
+        s.model = module.model  # the trained peft model, for evaluation in this process
+        return {"history": history.rows, "train": {
             "train/examples": len(datamodule.train_set),
             "train/dropped_too_long": datamodule.train_set.dropped,
             "train/final_val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan")))),
-        })
-        s.model = module.model  # the trained peft model, for evaluation in this process
+        }}
 
-    entry = s.cache.get_or_build("adapters", spec, build, label="train", scratch=s.out / ".scratch")
+    def write(folder: Path, result: dict[str, Any]) -> None:
+        s.model.save_pretrained(folder / "adapter", safe_serialization=True)
+        write_jsonl(folder / "history.jsonl", result["history"])
+        write_json(folder / "train.json", result["train"])
+
+    def read(entry: Path) -> dict[str, Any]:
+        return {"history": list(read_jsonl(entry / "history.jsonl")), "train": read_json(entry / "train.json")}
+
+    result = s.cache.get_or_compute("adapters", spec, compute, write, read, label="train", scratch=s.out / ".scratch")
     if s.cache.events["train"]["hit"]:
         from peft import PeftModel
 
+        entry = s.cache.entry("adapters", spec)
         log.info("Training: reusing the adapter trained with the same inputs (%s)", entry)
-        s.model = PeftModel.from_pretrained(s.model, entry / "adapter")
-        for row in read_jsonl(entry / "history.jsonl"):  # the cached run's loss curves, for this run's loggers
+        s.model = PeftModel.from_pretrained(s.model, entry / "adapter")  # every rank (a shared cache dir)
+        for row in result["history"]:  # the cached run's loss curves, for this run's loggers
             for lg in loggers.values():
                 lg.log_metrics(row["metrics"], step=row["step"])
-    s.metrics.update(read_json(entry / "train.json"))
-    s.model.save_pretrained(s.out / "adapter", safe_serialization=True)
-    write_resolved_config(cfg, s.out / "adapter" / "config.yaml")
+    s.metrics.update(result["train"])
+    on_device(s.model, cfg)  # Lightning leaves a trained model on the CPU
+    if distributed.is_main():
+        s.model.save_pretrained(s.out / "adapter", safe_serialization=True)
+        write_resolved_config(cfg, s.out / "adapter" / "config.yaml")
     return s.model, s.cache.key(spec)
 
 
@@ -224,14 +293,16 @@ def evaluate_all(s: Setup, peft_model, adapter_key: str) -> tuple[list[Answer], 
             peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
             generate_fn=_generator(s, peft_model, s.model_key, "base_test"),
         )
-    write_json(s.out / "base_predictions.json", as_predictions(base_answers))
+    if distributed.is_main():
+        write_json(s.out / "base_predictions.json", as_predictions(base_answers))
     s.metrics.update(evaluate.score(test, as_predictions(base_answers), "base"))
     answers = predict_answers(
         peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
         generate_fn=_generator(s, peft_model, adapter_key, "test"),
     )
-    write_json(s.out / "predictions.json", as_predictions(answers))
-    write_jsonl(s.out / "test_generations.jsonl", answers)
+    if distributed.is_main():
+        write_json(s.out / "predictions.json", as_predictions(answers))
+        write_jsonl(s.out / "test_generations.jsonl", answers)
     s.metrics.update(evaluate.score(test, as_predictions(answers), "test"))
     s.metrics["base/no_answer_predictions"] = sum(a.prediction == "" for a in base_answers)
     s.metrics["test/no_answer_predictions"] = sum(a.prediction == "" for a in answers)
@@ -242,8 +313,9 @@ def evaluate_all(s: Setup, peft_model, adapter_key: str) -> tuple[list[Answer], 
             generate_fn=_generator(s, peft_model, adapter_key, "reflect"),
         )
         reflect_predictions = {r.id: r.prediction for r in reflections}
-        write_json(s.out / "reflect_predictions.json", reflect_predictions)
-        write_jsonl(s.out / "reflections.jsonl", reflections)
+        if distributed.is_main():
+            write_json(s.out / "reflect_predictions.json", reflect_predictions)
+            write_jsonl(s.out / "reflections.jsonl", reflections)
         s.metrics.update(evaluate.score(test, reflect_predictions, "test_reflect"))
         s.metrics["test_reflect/changed"] = sum(r.prediction != r.first_answer for r in reflections)
     return base_answers, answers, reflections
@@ -254,35 +326,87 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     validate(cfg)
     out = Path(cfg.paths.output_dir)
-    done = sweep.finished_metrics(cfg, out)  # a finished cell of a re-run sweep: nothing to do
+    join_ranks(cfg)
+    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        raise ConfigError(
+            "trainer=fsdp: training runs, but saving and evaluating the sharded LoRA model (a full-state gather "
+            "after fit) is not implemented yet; use trainer=ddp (LoRA adapters are small: DDP fits most models "
+            "that fit a GPU, and model.load_in_4bit / model.gradient_checkpointing shrink them further)"
+        )
+    done = distributed.on_main(sweep.finished_metrics, cfg, out)  # a finished cell of a re-run sweep: nothing to do
     if done is not None:
         return done
+    with sweep.claim(out) if distributed.is_main() else contextlib.nullcontext():  # one job per folder
+        return _run(cfg, out, started)
+
+
+def _run(cfg: DictConfig, out: Path, started: float) -> dict[str, Any]:
     s = setup(cfg)
-    write_resolved_config(cfg, out / "config.yaml")
-    sweep.mark(cfg, out, "running")
-    loggers = instantiate_loggers(cfg)
+    main = distributed.is_main()  # the one rank that writes files and has loggers
+    if main:
+        write_resolved_config(cfg, out / "config.yaml")
+        sweep.mark(cfg, out, "running")
+    loggers = instantiate_loggers(cfg) if main else {}
     try:
         answers: dict[str, list[Answer]] = {}
         feedback: dict[str, list[Feedback]] = {}
         if cfg.method.name == "laffi":
             for split, prefix in (("train", ""), ("validation", "val_")):
                 answers[split] = predict(s, split)
-                write_jsonl(out / f"{prefix}answers.jsonl", answers[split])
-            feedback = annotate(s, answers)
+                if main:
+                    write_jsonl(out / f"{prefix}answers.jsonl", answers[split])
+            feedback = distributed.on_main(annotate, s, answers)
         peft_model, adapter_key = fine_tune(s, feedback, loggers)
         base_answers, test_answers, reflections = evaluate_all(s, peft_model, adapter_key)
-        metrics = s.metrics
-        metrics["time/seconds"] = round(time.time() - started, 1)
-        write_json(out / "metrics.json", metrics)
-        log_results(loggers, metrics, s.summary, s.splits["test"], base_answers, test_answers, reflections, cfg.evaluation.num_samples_logged)
+        s.metrics["time/seconds"] = round(time.time() - started, 1)
+        metrics = distributed.from_main(s.metrics)  # rank 0's: it alone annotated
+        if main:
+            write_json(out / "metrics.json", metrics)
+            log_results(loggers, metrics, s.summary, s.splits["test"], base_answers, test_answers, reflections, cfg.evaluation.num_samples_logged)
     except BaseException:
-        finish_loggers(loggers, failed=True)
-        sweep.mark(cfg, out, "failed", stages=s.cache.events)
+        if main:
+            finish_loggers(loggers, failed=True)
+            sweep.mark(cfg, out, "failed", stages=s.cache.events)
         raise
-    finish_loggers(loggers, failed=False)
-    sweep.mark(cfg, out, "finished", stages=s.cache.events, seconds=metrics["time/seconds"])
-    print_summary(metrics, out)
+    if main:
+        finish_loggers(loggers, failed=False)
+        sweep.mark(cfg, out, "finished", stages=s.cache.events, seconds=metrics["time/seconds"])
+        print_summary(metrics, out)
     return metrics
+
+
+def join_ranks(cfg: DictConfig) -> None:
+    """Join the other ranks of a torchrun/srun launch (nothing in a single process), and check the
+    launch against the trainer: Lightning must find all its ranks running, as it would start missing
+    ones itself only at ``fit`` (after stage 1), and every rank must write to the same run dir."""
+    distributed.init()
+    world = distributed.world_size()
+    if world > 1:
+        if sweep.sweep_dir() is not None:
+            raise ConfigError("hydra.mode: a sweep is not run under torchrun/srun (each job would start a sweep); launch one distributed run per cell")
+        log.info("Distributed run: rank %d of %d (%s)", distributed.rank(), world, torch.distributed.get_backend())
+        distributed.check_agree("paths.output_dir (hydra.run.dir)", str(Path(cfg.paths.output_dir).resolve()))
+        start_method = OmegaConf.select(cfg, "trainer.strategy.start_method", default="popen")
+        if start_method != "popen":
+            raise ConfigError(f"trainer.strategy.start_method: every rank is a process already (launched by torchrun or srun); expected popen, got {start_method!r}")
+    elif "strategy" not in cfg.trainer:
+        return  # one process, one device
+    # Lightning's own count (devices=-1, auto, ...), from a trainer that sets no torch flag and whose
+    # device lines are not shown (the trainer that fits shows them).
+    quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        trainer = instantiate(cfg.trainer, logger=False, deterministic=None, benchmark=None)
+    finally:
+        quiet.setLevel(level)
+    processes = trainer.num_devices * trainer.num_nodes  # (trainer.world_size is the launcher's, under one)
+    if processes != world:
+        raise ConfigError(
+            f"trainer: runs {processes} processes (devices x num_nodes) but {world} were launched; every "
+            f"stage runs on every rank, so launch them all at the start: torchrun --nproc_per_node={trainer.num_devices} "
+            f"--nnodes={trainer.num_nodes} -m laffi_exp ... (or srun under SLURM; see conf/trainer/ddp.yaml)"
+        )
 
 
 def write_resolved_config(cfg: DictConfig, path: Path) -> None:
@@ -290,7 +414,8 @@ def write_resolved_config(cfg: DictConfig, path: Path) -> None:
 
 
 def instantiate_loggers(cfg: DictConfig) -> dict[str, Any]:
-    """The Lightning loggers of ``cfg.logger``, each given the resolved config as hyper-parameters."""
+    """The Lightning loggers of ``cfg.logger``, each given the resolved config as hyper-parameters
+    (rank 0's alone in a distributed run: other ranks train with no logger but the history)."""
     nodes = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
     if "wandb" in nodes and nodes["wandb"].get("group") is None and sweep.sweep_dir() is not None:
         nodes["wandb"]["group"] = sweep.sweep_dir().name  # one wandb group per sweep

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 from laffi_exp.records import QAExample
@@ -73,9 +74,13 @@ class Prompter:
         text = generation.strip().split("\n", 1)[0].strip()
         text = _PREFIX.sub("", text).strip()
         text = text.strip(_QUOTES).strip()
-        if text.lower().rstrip(".!") in {p.lower() for p in self.no_answer_phrases}:
+        if text.lower().rstrip(".!") in self._no_answer_set:
             return ""
         return text
+
+    @cached_property
+    def _no_answer_set(self) -> frozenset[str]:
+        return frozenset(p.lower() for p in self.no_answer_phrases)
 
 
 def parse_feedback(text: str) -> tuple[str, str | None]:

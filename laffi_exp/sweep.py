@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from laffi_exp.cache import fingerprint
+from laffi_exp.cache import file_digest, fingerprint, folder_fingerprint
 from laffi_exp.errors import ConfigError
 from laffi_exp.io import read_json, write_json
 
@@ -29,6 +30,11 @@ MANIFEST = "manifest.json"
 # Where things go, how they are shown or logged: not part of what a run computes.
 _NOT_RESULTS = ("paths", "logger", "cache", "hydra")
 _NOT_RESULTS_LEAVES = ("cache_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "num_samples_logged")
+# How an endpoint or a download is reached (not what it answers).
+_TRANSPORT = (
+    "feedback.synthetic.max_concurrency", "feedback.synthetic.max_retries", "feedback.synthetic.backoff_base",
+    "feedback.synthetic.backoff_max", "feedback.synthetic.timeout", "dataset.download_timeout",
+)
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -42,7 +48,37 @@ def result_config(cfg: DictConfig) -> dict:
             return [strip(v) for v in node]
         return node
 
-    return strip({k: v for k, v in container.items() if k not in _NOT_RESULTS})
+    config = strip({k: v for k, v in container.items() if k not in _NOT_RESULTS})
+    for dotted in _TRANSPORT:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config
+
+
+def input_files(config: dict) -> dict[str, Any]:
+    """The contents behind every path in the config (a human feedback file, a data file or folder, a
+    model folder): a finished run of the same config but edited inputs is not the same run."""
+    found: dict[str, Any] = {}
+    for key, value in _flat(config).items():
+        if isinstance(value, str) and value and ("/" in value or "." in value) and len(value) < 4096:
+            path = Path(value).expanduser()
+            try:
+                if path.is_file():
+                    found[key] = file_digest(path)
+                elif path.is_dir():
+                    found[key] = folder_fingerprint(path)
+            except OSError:
+                continue
+    return found
+
+
+def run_fingerprint(cfg: DictConfig) -> tuple[str, dict]:
+    config = result_config(cfg)
+    return fingerprint({"config": config, "inputs": input_files(config)}), config
 
 
 def _flat(node, prefix: str = "") -> dict[str, Any]:
@@ -59,14 +95,14 @@ def finished_metrics(cfg: DictConfig, out: Path) -> dict | None:
     manifest = read_json(path)
     if manifest.get("status") != "finished":
         return None
-    current = result_config(cfg)
-    if manifest.get("fingerprint") == fingerprint(current):
+    current_fp, current = run_fingerprint(cfg)
+    if manifest.get("fingerprint") == current_fp:
         log.info("%s already holds a finished run of this config: skipping it (delete the folder to run it again)", out)
         _record_in_sweep(cfg, out, manifest)
         return read_json(out / "metrics.json")
     old, new = _flat(manifest.get("config", {})), _flat(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5]) + (" ..." if len(changed) > 5 else "")
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["the contents of an input file or folder"]
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old or k in new else k for k in changed[:5]) + (" ..." if len(changed) > 5 else "")
     if cfg.cache.on_changed != "rerun":
         raise ConfigError(
             f"{out} holds a finished run with a different config ({shown}); results of two configs are never "
@@ -82,14 +118,33 @@ def finished_metrics(cfg: DictConfig, out: Path) -> dict | None:
     return None
 
 
+@contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this run: a second job given the same folder (e.g. a sweep whose cell names
+    leave out a swept key) stops at once instead of writing into the first one's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"{out}: another job is running in this folder; give each cell its own folder (e.g. name every swept "
+            "key in hydra.sweep.subdir)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def mark(cfg: DictConfig, out: Path, status: str, **extra: Any) -> None:
     """Write the run's manifest (status, config fingerprint, stage cache events) and its sweep cell."""
-    config = result_config(cfg)
+    fp, config = run_fingerprint(cfg)
     path = out / MANIFEST
     manifest = read_json(path) if path.is_file() else {}
-    if manifest.get("fingerprint") != fingerprint(config):
+    if manifest.get("fingerprint") != fp:
         manifest = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    manifest.update(status=status, fingerprint=fingerprint(config), config=config, **extra)
+    manifest.update(status=status, fingerprint=fp, config=config, **extra)
     if status != "running":
         manifest["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(path, manifest)

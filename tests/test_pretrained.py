@@ -334,7 +334,9 @@ def test_ddp_cpu_trainer_instantiates(make_cfg, tmp_path):
 def test_ddp_cpu_fits_lora_on_two_processes(make_cfg, tmp_path):
     from laffi_exp.train import LoRAFineTuner, Pair, PairDataModule
 
-    cfg = make_cfg("trainer=ddp_cpu", "trainer.max_steps=2", "model=hf", f"model.name_or_path={TINYLLAMA}", embedded=False)
+    # The preset expects torchrun to start the ranks (tests/test_distributed.py); here Lightning spawns
+    # them, so that the trained weights come back to this process.
+    cfg = make_cfg("trainer=ddp_cpu", "+trainer.strategy.start_method=spawn", "trainer.max_steps=2", "model=hf", f"model.name_or_path={TINYLLAMA}", embedded=False)
     base = instantiate(cfg.model.source).load()
     pairs = [Pair(str(i), f"Once upon a time {i}", " there was a cat.") for i in range(16)]
     data = PairDataModule(base.tokenizer, pairs, pairs[:4], batch_size=4, max_length=64, seed=0)

@@ -147,3 +147,27 @@ def test_a_failed_build_leaves_no_entry(tmp_path):
     assert not [p for p in (tmp_path / "demo").iterdir() if not p.name.endswith(".lock")]
     entry = cache.get_or_build("demo", {"x": 2}, lambda folder: (folder / "ok.txt").write_text("ok"))
     assert (entry / "ok.txt").read_text() == "ok"
+
+
+def test_submitit_local_runs_each_job_in_its_own_process(tmp_path, cache_dir):
+    done = _sweep("compare_methods", tmp_path / "sweep", cache_dir, "hydra/launcher=submitit_local", "seed=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = read_json(tmp_path / "sweep" / "manifest.json")["cells"]
+    assert set(cells) == {"laffi_ratio0.5_seed0", "sft_ratio0.5_seed0"}
+    assert all(c["status"] == "finished" for c in cells.values())
+    logs = list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # one submitit job (a process of its own) per cell
+    assert (tmp_path / "sweep" / "results.csv").is_file()
+
+
+def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
+    cmd = [sys.executable, "-m", "laffi_exp", "+experiment=ablation_ratio", "hydra/launcher=slurm",
+           "hydra.launcher.partition=gpu-a100", "hydra.launcher.timeout_min=600", "hydra.launcher.gpus_per_node=4",
+           "trainer=gpu", "--cfg", "hydra"]
+    shown = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    import yaml
+
+    launcher = yaml.safe_load(shown.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["partition"], launcher["timeout_min"], launcher["gpus_per_node"]) == ("gpu-a100", 600, 4)

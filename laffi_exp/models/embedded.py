@@ -45,7 +45,7 @@ class EmbeddedBase:
         batch_size: int = 32,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
-        feedback_share: float = 0.25,
+        feedback_share: float = 0.5,
     ):
         self.cache_dir = Path(cache_dir).expanduser()
         self.architecture = dict(architecture)
@@ -72,7 +72,7 @@ class EmbeddedBase:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "prompt": [Prompter().answer_template, Prompter().no_answer_text],
-            **({"feedback_share": self.feedback_share} if self.feedback_share != 0.25 else {}),
+            "feedback_share": self.feedback_share,
         }
 
     def key(self) -> str:
@@ -102,10 +102,10 @@ class EmbeddedBase:
 
     # -- the one-time build -------------------------------------------------------------------
     def _texts(self) -> list[str]:
-        """Warm-up texts: pool questions with their gold answers. A quarter instead carry feedback on
-        a candidate answer, half the gold one and half a wrong one (another span of the passage, or
-        "unanswerable"), so that the base knows the words and the form of feedback, as an
-        instruction-tuned LLM does, though never on the main splits' questions nor on its own answers."""
+        """Warm-up texts: pool questions with their gold answers. A share (``feedback_share``) instead
+        carry feedback on a candidate answer, half the gold one and half a wrong one (another span of
+        the passage, or "unanswerable"), so that the base knows the words and the form of feedback, as
+        an instruction-tuned LLM does, though never on the main splits' questions nor on its own answers."""
         prompter, human = Prompter(), SimulatedHuman(seed=self.seed)
         pool = examples_from_squad(generate(self.seed, "pool", self.warmup_questions), source="pool")
         spans: dict[str, list[str]] = {}
