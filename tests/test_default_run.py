@@ -15,8 +15,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 LAFFI_GAP = pytest.mark.xfail(
-    reason="known gap (see README, Results): on the ~1M-parameter embedded base, LoRA feedback "
-    "prediction does not yet lift direct or reflect EM by 10 points",
+    reason="known gap (see README, Results): at the default human share 0.5, LaFFi lifts reflect EM by "
+    "9.6 points on average over 3 seeds (direct +5.2); the 10-point bar is met at human share 1.0 (+11.5)",
     strict=False,
 )
 

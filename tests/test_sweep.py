@@ -171,3 +171,31 @@ def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
     launcher = yaml.safe_load(shown.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["partition"], launcher["timeout_min"], launcher["gpus_per_node"]) == ("gpu-a100", 600, 4)
+
+
+def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
+    from laffi_exp import sweep
+    from laffi_exp.errors import ConfigError
+
+    data = tmp_path / "data.json"
+    data.write_text('{"data": []}')
+    cfg = make_cfg("dataset=squad_json", f"dataset.path={data}")
+    out = tmp_path / "run"
+    sweep.mark(cfg, out, "finished")
+    (out / "metrics.json").write_text('{"test/exact": 1.0}')
+    assert sweep.finished_metrics(cfg, out) == {"test/exact": 1.0}  # same config, same file: skipped
+    data.write_text('{"data": [], "version": "v2"}')
+    with pytest.raises(ConfigError, match="different config .*contents of an input file"):
+        sweep.finished_metrics(cfg, out)
+
+
+def test_a_second_job_in_the_same_folder_stops_at_once(tmp_path):
+    from laffi_exp import sweep
+    from laffi_exp.errors import ConfigError
+
+    with sweep.claim(tmp_path / "cell"):
+        with pytest.raises(ConfigError, match="another job is running in this folder"):
+            with sweep.claim(tmp_path / "cell"):
+                pass
+    with sweep.claim(tmp_path / "cell"):  # released when the first job ends
+        pass
