@@ -63,4 +63,4 @@ def reflect(
 def reflected_answer(first_answer: str, verdict: str, correction: str | None) -> str:
     """The reflect rule: keep the first answer unless the feedback judges it wrong and names a
     correction ("" = the question has no answer)."""
-    return correction if verdict == "incorrect" and correction is not None else first_answer
+    return correction if verdict in ("incorrect", "no_answer") and correction is not None else first_answer

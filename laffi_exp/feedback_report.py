@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from laffi_exp.records import Feedback, QAExample
 from laffi_exp.squad_metrics import compute_exact, compute_f1
 
-VERDICTS = ("correct", "incorrect", "unknown")
+VERDICTS = ("correct", "incorrect", "no_answer", "unknown")
 
 
 def feedback_report(
@@ -53,9 +53,9 @@ def flatten(report: dict[str, Any], prefix: str = "feedback_report") -> dict[str
 def _stats(feedback: list[Feedback], gold: dict[str, QAExample]) -> dict[str, Any]:
     exact = {f.id: _best(compute_exact, gold[f.id], f.prediction) for f in feedback}
     f1 = {f.id: _best(compute_f1, gold[f.id], f.prediction) for f in feedback}
-    judged = [f for f in feedback if f.verdict in ("correct", "incorrect")]
+    judged = [f for f in feedback if f.verdict != "unknown"]
     said_correct = [f for f in judged if f.verdict == "correct"]
-    said_incorrect = [f for f in judged if f.verdict == "incorrect"]
+    said_incorrect = [f for f in judged if f.verdict in ("incorrect", "no_answer")]  # no_answer: wrong, none is right
     corrections = [f for f in said_incorrect if f.correction is not None]
     return {
         "count": len(feedback),

@@ -86,9 +86,10 @@ class Prompter:
 def parse_feedback(text: str) -> tuple[str, str | None]:
     """Read (verdict, correction) back out of a feedback text.
 
-    verdict is "correct", "incorrect" or "unknown". correction is the answer the feedback names
-    ("" when it says the question has no answer), or None when it names none or judges the answer
-    correct.
+    verdict is "correct", "incorrect" (and, where it names one, the right answer as ``correction``),
+    "no_answer" (the answer is wrong because the question has no answer; ``correction`` is ""), or
+    "unknown" (no verdict can be read). correction is None when the feedback names no answer or
+    judges the answer correct.
     """
     head = text.strip().lower()
     if head.startswith(_INCORRECT_START):
@@ -103,5 +104,5 @@ def parse_feedback(text: str) -> tuple[str, str | None]:
     if match:
         return verdict, match.group(1).strip()
     if _NO_ANSWER_FEEDBACK.search(text):
-        return verdict, ""
+        return "no_answer", ""
     return verdict, None

@@ -40,7 +40,7 @@ class Answer:
 class Feedback:
     """Stage 2 output: natural-language feedback on one predicted answer.
 
-    ``verdict`` (correct / incorrect / unknown) and ``correction`` (the answer it names; "" when it
+    ``verdict`` (correct / incorrect / no_answer / unknown) and ``correction`` (the answer it names; "" when it
     says the question has no answer; None when it names none) are what the feedback text says, parsed
     back from it (``laffi_exp.prompts.parse_feedback``), not what the annotator knew.
     """

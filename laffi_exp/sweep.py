@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from laffi_exp.cache import file_digest, fingerprint, folder_fingerprint
+from laffi_exp.cache import code_versions, file_digest, fingerprint, folder_fingerprint
 from laffi_exp.errors import ConfigError
 from laffi_exp.io import read_json, write_json
 
@@ -76,9 +76,10 @@ def input_files(config: dict) -> dict[str, Any]:
     return found
 
 
-def run_fingerprint(cfg: DictConfig) -> tuple[str, dict]:
+def run_identity(cfg: DictConfig) -> dict:
+    """What a run's result depends on: its config, the contents of its input files, the code versions."""
     config = result_config(cfg)
-    return fingerprint({"config": config, "inputs": input_files(config)}), config
+    return {"config": config, "inputs": input_files(config), "code": code_versions()}
 
 
 def _flat(node, prefix: str = "") -> dict[str, Any]:
@@ -95,14 +96,16 @@ def finished_metrics(cfg: DictConfig, out: Path) -> dict | None:
     manifest = read_json(path)
     if manifest.get("status") != "finished":
         return None
-    current_fp, current = run_fingerprint(cfg)
-    if manifest.get("fingerprint") == current_fp:
+    current = run_identity(cfg)
+    if manifest.get("fingerprint") == fingerprint(current):
         log.info("%s already holds a finished run of this config: skipping it (delete the folder to run it again)", out)
         _record_in_sweep(cfg, out, manifest)
         return read_json(out / "metrics.json")
-    old, new = _flat(manifest.get("config", {})), _flat(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["the contents of an input file or folder"]
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old or k in new else k for k in changed[:5]) + (" ..." if len(changed) > 5 else "")
+    old, new = _flat(manifest.get("config", {})), _flat(current["config"])
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed += [f"the contents of {k}" for k in sorted(current["inputs"]) if manifest.get("inputs", {}).get(k) != current["inputs"][k]]
+    changed += [f"the {k} version" for k in sorted(current["code"]) if manifest.get("code", {}).get(k) != current["code"][k]]
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old.keys() | new.keys() else k for k in changed[:5]) + (" ..." if len(changed) > 5 else "")
     if cfg.cache.on_changed != "rerun":
         raise ConfigError(
             f"{out} holds a finished run with a different config ({shown}); results of two configs are never "
@@ -139,12 +142,13 @@ def claim(out: Path) -> Iterator[None]:
 
 def mark(cfg: DictConfig, out: Path, status: str, **extra: Any) -> None:
     """Write the run's manifest (status, config fingerprint, stage cache events) and its sweep cell."""
-    fp, config = run_fingerprint(cfg)
+    identity = run_identity(cfg)
+    fp = fingerprint(identity)
     path = out / MANIFEST
     manifest = read_json(path) if path.is_file() else {}
     if manifest.get("fingerprint") != fp:
         manifest = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    manifest.update(status=status, fingerprint=fp, config=config, **extra)
+    manifest.update(status=status, fingerprint=fp, **identity, **extra)
     if status != "running":
         manifest["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(path, manifest)

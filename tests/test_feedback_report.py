@@ -27,7 +27,7 @@ FEEDBACK = [
     # EM 0, F1 2/3 (against "Lee"): agrees by EM, not by F1 >= 0.5; right fix.   35 chars, 6 words
     fb(2, "Bob Lee", 'Incorrect. The answer is "Ann Lee".', "human", "alice", "incorrect", "Ann Lee"),
     # Unanswerable: EM 0, F1 0; agrees; the fix "no answer" is right.             26 chars, 5 words
-    fb(3, "Paris", "Wrong: there is no answer.", "human", "bob", "incorrect", ""),
+    fb(3, "Paris", "Wrong: there is no answer.", "human", "bob", "no_answer", ""),
     # EM 0, F1 0: "correct" disagrees.                                            19 chars, 4 words
     fb(4, "1902", "Yes, that is right.", "human", "bob", "correct", None),
     fb(5, "Oslo", "The model rambles.", "synthetic", "rule_based", "unknown", None),
@@ -41,7 +41,7 @@ def test_per_source_numbers():
     assert report["count"] == 7 and set(report["sources"]) == {"human", "synthetic"}
     human, synthetic = report["sources"]["human"], report["sources"]["synthetic"]
 
-    assert human["count"] == 4 and human["verdicts"] == {"correct": 2, "incorrect": 2, "unknown": 0}
+    assert human["count"] == 4 and human["verdicts"] == {"correct": 2, "incorrect": 1, "no_answer": 1, "unknown": 0}
     assert human["agreement_exact"] == 3 / 4 and human["agreement_f1"] == 2 / 4
     assert human["judged_correct"] == {"count": 2, "exact": 50.0, "f1": 50.0}
     assert human["judged_incorrect"]["count"] == 2 and human["judged_incorrect"]["exact"] == 0.0
@@ -50,7 +50,7 @@ def test_per_source_numbers():
     assert human["chars"] == {"mean": 22.0, "median": 22.5, "min": 8, "max": 35}
     assert human["words"] == {"mean": 4.0, "median": 4.5, "min": 1, "max": 6}
 
-    assert synthetic["verdicts"] == {"correct": 0, "incorrect": 2, "unknown": 1}
+    assert synthetic["verdicts"] == {"correct": 0, "incorrect": 2, "no_answer": 0, "unknown": 1}
     assert synthetic["agreement_exact"] == 1.0  # the unknown verdict is left out
     assert synthetic["judged_correct"] == {"count": 0, "exact": None, "f1": None}
     assert (synthetic["correction_share"], synthetic["correction_exact"]) == (0.5, 0.0)

@@ -85,7 +85,8 @@ def test_a_human_file_gives_the_human_share_its_feedback(human_file):
     for f in result.feedback:  # the verdict and correction the people's words give
         if f.source == "human":
             right = f.prediction == by_id[f.id].gold
-            assert (f.verdict, f.correction) == (("correct", None) if right else ("incorrect", by_id[f.id].gold)), f
+            wrong = ("incorrect", by_id[f.id].gold) if by_id[f.id].answers else ("no_answer", "")
+            assert (f.verdict, f.correction) == (("correct", None) if right else wrong), f
     assert {f.annotator for f in result.feedback} == {"alice", "human_file", "rule_based"}
     # Trains as it is: the fine-tuning targets are the people's words.
     targets = {p.id: p.target for p in laffi_pairs(EXAMPLES, result.feedback, Prompter())}

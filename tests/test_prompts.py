@@ -47,7 +47,7 @@ def test_no_answer_phrases_are_configurable():
 def test_simulated_human_feedback_parses_to_its_judgement(seed):
     human = SimulatedHuman(seed=seed)
     cases = [(EX, "Ivo Ru", "correct", None), (EX, "1901", "incorrect", "Ivo Ru"), (EX, "", "incorrect", "Ivo Ru"),
-             (NOANS, "", "correct", None), (NOANS, "1901", "incorrect", "")]
+             (NOANS, "", "correct", None), (NOANS, "1901", "no_answer", "")]
     for ex, pred, verdict, correction in cases:
         text = human.annotate(ex, pred)
         assert parse_feedback(text) == (verdict, correction), text
@@ -57,7 +57,7 @@ def test_rule_based_feedback_parses_and_errors_follow_the_rates():
     exact = RuleBasedAnnotator(wrong_verdict_rate=0.0, missing_correction_rate=0.0)
     assert parse_feedback(exact.annotate(EX, "1901")) == ("incorrect", "Ivo Ru")
     assert parse_feedback(exact.annotate(EX, "Ivo Ru")) == ("correct", None)
-    assert parse_feedback(exact.annotate(NOANS, "1901")) == ("incorrect", "")
+    assert parse_feedback(exact.annotate(NOANS, "1901")) == ("no_answer", "")
     always_wrong = RuleBasedAnnotator(wrong_verdict_rate=1.0)
     assert parse_feedback(always_wrong.annotate(EX, "Ivo Ru"))[0] == "incorrect"
     assert parse_feedback(always_wrong.annotate(EX, "1901"))[0] == "correct"
@@ -75,7 +75,7 @@ def test_parse_feedback_of_free_text():
 
 def test_reflect_rule():
     assert reflected_answer("1901", "incorrect", "Ivo Ru") == "Ivo Ru"
-    assert reflected_answer("1901", "incorrect", "") == ""
+    assert reflected_answer("1901", "no_answer", "") == ""
     assert reflected_answer("1901", "incorrect", None) == "1901"
     assert reflected_answer("1901", "correct", None) == "1901"
     assert reflected_answer("1901", "unknown", "x") == "1901"

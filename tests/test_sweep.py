@@ -185,7 +185,7 @@ def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
     (out / "metrics.json").write_text('{"test/exact": 1.0}')
     assert sweep.finished_metrics(cfg, out) == {"test/exact": 1.0}  # same config, same file: skipped
     data.write_text('{"data": [], "version": "v2"}')
-    with pytest.raises(ConfigError, match="different config .*contents of an input file"):
+    with pytest.raises(ConfigError, match="different config .*the contents of dataset.path"):
         sweep.finished_metrics(cfg, out)
 
 

@@ -45,7 +45,7 @@ class EmbeddedBase:
         batch_size: int = 32,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
-        feedback_share: float = 0.5,
+        feedback_share: float = 0.75,
     ):
         self.cache_dir = Path(cache_dir).expanduser()
         self.architecture = dict(architecture)
