@@ -137,9 +137,15 @@ def generation_device(cfg: DictConfig) -> torch.device:
 
 
 def on_device(model, cfg: DictConfig) -> None:
-    """Move the model to the generation device (4-bit models are placed by their loader and stay)."""
-    if not getattr(model, "is_loaded_in_4bit", False):
-        model.to(generation_device(cfg))
+    """Move the model to the generation device. A 4-bit model is placed on its GPU by its loader; it is
+    moved back only after Lightning's teardown left it on the CPU (bitsandbytes >= 0.43.2 moves 4-bit
+    weights)."""
+    device = generation_device(cfg)
+    if getattr(model, "is_loaded_in_4bit", False):
+        if device.type == "cuda" and next(model.parameters()).device.type != "cuda":
+            model.to(device)
+        return
+    model.to(device)
 
 
 def _check_annotators(annotators) -> None:
