@@ -34,6 +34,11 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def key(spec: Any) -> str:
+    """The short content key of a spec (a cache entry's folder name, a model's identity)."""
+    return fingerprint(spec)[:20]
+
+
 def text_digest(texts) -> str:
     """One hash of a sequence of strings (prompts, targets), order included."""
     h = hashlib.sha256()
@@ -79,8 +84,9 @@ def code_versions() -> dict[str, str]:
 
 class StageCache:
     """``get_or_build(stage, spec, build)``: the entry folder for ``spec``, built by ``build(tmp_dir)``
-    the first time; ``get_or_compute`` is its form for a distributed run. ``enabled=False`` builds
-    every time into a throw-away folder (nothing is read or written under ``root``)."""
+    the first time; ``get_or_compute`` (what the pipeline uses) returns the computed or stored result and
+    also serves distributed runs. ``enabled=False`` reads nothing: ``get_or_compute`` computes and stores
+    nothing, ``get_or_build`` builds into a throw-away folder under ``root/_scratch``."""
 
     def __init__(self, root: str | Path, enabled: bool = True, lock_timeout_s: float = 6 * 3600):
         self.root = Path(root).expanduser()
@@ -89,7 +95,7 @@ class StageCache:
         self.events: dict[str, dict] = {}  # stage -> {"key", "hit", "seconds"}: what this run did
 
     def key(self, spec: Any) -> str:
-        return fingerprint(spec)[:20]
+        return key(spec)
 
     def entry(self, stage: str, spec: Any) -> Path:
         return self.root / stage / self.key(spec)
@@ -124,8 +130,8 @@ class StageCache:
             raise
         return entry
 
-    def _throwaway(self, stage: str, spec: Any, build: Callable[[Path], None], scratch: Path | None) -> Path:
-        target = Path(scratch or self.root / "_scratch") / f"{stage}-{self.key(spec)}"
+    def _throwaway(self, stage: str, spec: Any, build: Callable[[Path], None]) -> Path:
+        target = self.root / "_scratch" / f"{stage}-{self.key(spec)}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         build(target)
@@ -135,12 +141,12 @@ class StageCache:
         self.events[label] = {"key": self.key(spec), "hit": hit, "cached": self.enabled, "seconds": round(time.time() - started, 2)}
 
     def get_or_build(
-        self, stage: str, spec: Any, build: Callable[[Path], None], label: str | None = None, scratch: Path | None = None
+        self, stage: str, spec: Any, build: Callable[[Path], None], label: str | None = None
     ) -> Path:
         """``label`` names the event in ``self.events`` (default: the stage)."""
         started = time.time()
         if not self.enabled:
-            target = self._throwaway(stage, spec, build, scratch)
+            target = self._throwaway(stage, spec, build)
             self._event(label or stage, spec, False, started)
             return target
         entry, hit = self.lookup(stage, spec), True
@@ -161,13 +167,18 @@ class StageCache:
         write: Callable[[Path, Any], None],
         read: Callable[[Path], Any],
         label: str | None = None,
-        scratch: Path | None = None,
     ) -> Any:
         """``get_or_build`` for work that every rank of a distributed run does together (generation
         shards, a DDP ``fit``); every rank calls it. Returns ``compute()`` (run by every rank) or, on
         a hit, ``read(entry)``. Rank 0 alone touches the cache: it holds the entry's lock, decides hit
         or miss and tells the others, reads a hit, and writes a miss with ``write(folder, result)``.
-        In a single process this is ``get_or_build`` with ``build = write(folder, compute())``."""
+        In a single process this is ``get_or_build`` with ``build = write(folder, compute())``. A
+        disabled cache computes and writes nothing."""
+        if not self.enabled:
+            started = time.time()
+            result = compute()
+            self._event(label or stage, spec, False, started)
+            return result
         if distributed.world_size() == 1:
             computed = []
 
@@ -175,10 +186,10 @@ class StageCache:
                 computed.append(compute())
                 write(folder, computed[0])
 
-            entry = self.get_or_build(stage, spec, build, label, scratch)
+            entry = self.get_or_build(stage, spec, build, label)
             return computed[0] if computed else read(entry)
         started = time.time()
-        lock = self.lock(stage, spec) if self.enabled and distributed.is_main() else None
+        lock = self.lock(stage, spec) if distributed.is_main() else None
 
         def claim() -> Path | None:
             if lock is not None:
@@ -197,11 +208,11 @@ class StageCache:
                     write(folder, result)
 
                 if distributed.is_main():
-                    entry = self.store(stage, spec, build) if self.enabled else self._throwaway(stage, spec, build, scratch)
+                    entry = self.store(stage, spec, build)
         finally:
             if lock is not None and lock.is_locked:
                 lock.release()
-        if self.enabled and distributed.is_main():
+        if distributed.is_main():
             log.info("Stage cache %s: %s %s", stage, "hit" if hit else "built", entry)
         self._event(label or stage, spec, hit, started)
         return result

@@ -32,6 +32,7 @@ from laffi_exp import annotate as annotation
 from laffi_exp import distributed, evaluate, sweep
 from laffi_exp.answer import as_predictions, batches, generate, predict_answers
 from laffi_exp.cache import StageCache, code_versions, folder_fingerprint, text_digest
+from laffi_exp.cache import key as cache_key
 from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.window import fit_contexts
@@ -108,7 +109,7 @@ def setup(cfg: DictConfig) -> Setup:
         "weights": weights_fingerprint(base.path, cfg.model.source.get("cache_dir")),
         "code": code_versions(),
     }
-    model_key = StageCache("").key(model_spec)
+    model_key = cache_key(model_spec)
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, metrics)
 
@@ -173,7 +174,7 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
     def read(entry: Path) -> list[str]:
         return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
 
-    return s.cache.get_or_compute("generations", spec, compute, write, read, label=label, scratch=s.out / ".scratch")
+    return s.cache.get_or_compute("generations", spec, compute, write, read, label=label)
 
 
 def _generator(s: Setup, model, model_key: str, label: str):
@@ -272,7 +273,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
     def read(entry: Path) -> dict[str, Any]:
         return {"history": list(read_jsonl(entry / "history.jsonl")), "train": read_json(entry / "train.json")}
 
-    result = s.cache.get_or_compute("adapters", spec, compute, write, read, label="train", scratch=s.out / ".scratch")
+    result = s.cache.get_or_compute("adapters", spec, compute, write, read, label="train")
     if s.cache.events["train"]["hit"]:
         from peft import PeftModel
 
