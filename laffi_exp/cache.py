@@ -57,6 +57,21 @@ def folder_fingerprint(path: str | Path) -> dict:
     return {"path": str(root.resolve()), "files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
+def weights_fingerprint(path: str | None, cache_dir: str | None = None) -> dict | None:
+    """What identifies the loaded weights: the model folder's files, or for a hub id the local snapshot
+    folder it was loaded from (its path names the commit)."""
+    if not path:
+        return None
+    if not Path(path).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the local cache: the id alone
+            return {"hub_id": path}
+    return folder_fingerprint(path)
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from laffi_exp.annotate import unit_hash
+from laffi_exp.cache import fingerprint, weights_fingerprint
 from laffi_exp.errors import AnnotationError, ConfigError
 from laffi_exp.io import read_jsonl
 from laffi_exp.prompts import NO_ANSWER_TEXT, Prompter
@@ -437,7 +438,7 @@ class HFFewShotAnnotator(_FewShotAnnotator):
     and only when some response is not cached. A prompt longer than the model's window (less
     ``max_new_tokens``) first loses shots, last ones first, down to zero-shot; if still too long, its
     passage is cut around the reference answer (``laffi_exp.data.window.fit_contexts``). The cache key
-    holds the model (path and, for a folder, a fingerprint of its config and weight files), the full
+    holds the model (path and a fingerprint of its files, ``laffi_exp.cache.weights_fingerprint``), the full
     prompt, ``max_new_tokens``, ``dtype`` and ``chat_template``; responses are committed batch by batch."""
 
     def __init__(
@@ -481,7 +482,7 @@ class HFFewShotAnnotator(_FewShotAnnotator):
 
     def _key_parts(self) -> dict:
         if self._fingerprint is None:
-            self._fingerprint = _folder_fingerprint(Path(self.name_or_path).expanduser())
+            self._fingerprint = fingerprint(weights_fingerprint(str(Path(self.name_or_path).expanduser())))
         return dict(
             kind="hf_fewshot",
             model=self.name_or_path,
@@ -565,14 +566,3 @@ def _window(model, tokenizer) -> int:
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]  # tokenizers say 1e30 for "unknown"
     return min(limits) if limits else 2048
 
-
-def _folder_fingerprint(path: Path) -> str:
-    """For a local model folder, its config and the names and sizes of its weight files: a retrained
-    model saved to the same folder gets new cache keys. "" for a hub id (the id names the model)."""
-    if not path.is_dir():
-        return ""
-    config = path / "config.json"
-    parts = [config.read_text(encoding="utf-8") if config.is_file() else ""]
-    for pattern in ("*.safetensors", "*.bin"):
-        parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.glob(pattern))]
-    return ResponseCache.key(folder=parts)

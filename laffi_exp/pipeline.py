@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from laffi_exp import annotate as annotation
 from laffi_exp import distributed, evaluate, sweep
 from laffi_exp.answer import as_predictions, batches, generate, predict_answers
-from laffi_exp.cache import StageCache, code_versions, folder_fingerprint, text_digest
+from laffi_exp.cache import StageCache, code_versions, text_digest, weights_fingerprint
 from laffi_exp.cache import key as cache_key
 from laffi_exp.config import validate
 from laffi_exp.data.squad import examples_from_squad
@@ -112,21 +112,6 @@ def setup(cfg: DictConfig) -> Setup:
     model_key = cache_key(model_spec)
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, metrics)
-
-
-def weights_fingerprint(path: str | None, cache_dir: str | None) -> dict | None:
-    """What identifies the loaded weights: the model folder's files, or for a hub id the local snapshot
-    folder it was loaded from (its path names the commit)."""
-    if not path:
-        return None
-    if not Path(path).is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path, cache_dir=cache_dir, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not in the local cache: the id alone
-            return {"hub_id": path}
-    return folder_fingerprint(path)
 
 
 def generation_device(cfg: DictConfig) -> torch.device:
