@@ -41,7 +41,7 @@ from laffi_exp.feedback_report import feedback_report, flatten
 from laffi_exp.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Answer, Feedback, QAExample
-from laffi_exp.train import HistoryLogger, LoRAFineTuner, PairDataModule
+from laffi_exp.train import HistoryLogger, LoRAFineTuner, PairDataModule, gather_adapter, load_adapter, shard_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Setup:
     model_key: str  # identifies the base weights (cache keys of everything generated from them)
     cache: StageCache
     annotators: tuple[Any, Any]  # (human pool, synthetic pool), for laffi
+    source: Any  # what loaded the base model (loads it again after FSDP training)
     metrics: dict[str, Any] = field(default_factory=dict)  # -> metrics.json and every logger
     summary: dict[str, Any] = field(default_factory=dict)  # -> the wandb summary only (e.g. the feedback report)
 
@@ -111,7 +112,7 @@ def setup(cfg: DictConfig) -> Setup:
     }
     model_key = cache_key(model_spec)
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, metrics)
+    return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, source, metrics)
 
 
 def generation_device(cfg: DictConfig) -> torch.device:
@@ -238,17 +239,28 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
         datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
-        module = LoRAFineTuner(s.model, instantiate(cfg.method.lora, _convert_="all"), instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
+        lora = instantiate(cfg.method.lora, _convert_="all")
+        module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
         history = HistoryLogger()
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
+        sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
+        if sharded:
+            shard_by_layer(trainer.strategy, module.model)
         module.train()  # from_pretrained leaves the model in eval mode
         trainer.fit(module, datamodule=datamodule)
-        s.model = module.model  # the trained peft model, for evaluation in this process
-        return {"history": history.rows, "train": {
+        result = {"history": history.rows, "train": {
             "train/examples": len(datamodule.train_set),
             "train/dropped_too_long": datamodule.train_set.dropped,
             "train/final_val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan")))),
         }}
+        if sharded:  # FSDP flattened and sharded the model in place: rebuild it whole, with the trained adapter
+            adapter = gather_adapter(trainer.strategy, module.model)
+            del trainer, module
+            s.model = None
+            s.model = unsharded(s, lora, adapter)
+        else:
+            s.model = module.model  # the trained peft model, for evaluation in this process
+        return result
 
     def write(folder: Path, result: dict[str, Any]) -> None:
         s.model.save_pretrained(folder / "adapter", safe_serialization=True)
@@ -274,6 +286,21 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         s.model.save_pretrained(s.out / "adapter", safe_serialization=True)
         write_resolved_config(cfg, s.out / "adapter" / "config.yaml")
     return s.model, s.cache.key(spec)
+
+
+def unsharded(s: Setup, lora_config, adapter: dict[str, torch.Tensor]):
+    """The base model loaded again, with the adapter weights gathered from FSDP's shards (every rank)."""
+    import gc
+
+    from peft import get_peft_model
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the sharded model's memory, before a whole copy arrives
+    model = get_peft_model(s.source.load().model, lora_config)
+    load_adapter(model, adapter)
+    log.info("FSDP: gathered %d adapter tensors onto the reloaded base model", len(adapter))
+    return model
 
 
 # -- 4. Evaluation on held-out questions --------------------------------------------------------------
@@ -318,13 +345,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     validate(cfg)
     out = Path(cfg.paths.output_dir)
+    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")) and OmegaConf.select(cfg, "model.load_in_4bit", default=False):
+        raise ConfigError("trainer=fsdp with model.load_in_4bit: FSDP does not shard 4-bit weights; use trainer=ddp for QLoRA")
     join_ranks(cfg)
-    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        raise ConfigError(
-            "trainer=fsdp: training runs, but saving and evaluating the sharded LoRA model (a full-state gather "
-            "after fit) is not implemented yet; use trainer=ddp (LoRA adapters are small: DDP fits most models "
-            "that fit a GPU, and model.load_in_4bit / model.gradient_checkpointing shrink them further)"
-        )
     done = distributed.on_main(sweep.finished_metrics, cfg, out)  # a finished cell of a re-run sweep: nothing to do
     if done is not None:
         return done

@@ -176,3 +176,76 @@ class LoRAFineTuner(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val`` under every strategy. Under FSDP each rank holds a shard of the
+        gradients: the norm is the sharded module's, over all ranks (Lightning refuses norm clipping there)."""
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+# -- Fully sharded training (trainer=fsdp) -------------------------------------------------------------
+def shard_by_layer(strategy, peft_model) -> None:
+    """Make each transformer block its own FSDP unit (the classes the model names in
+    ``_no_split_modules``) unless ``trainer.strategy.auto_wrap_policy`` says otherwise: one unit for the
+    whole model would gather every weight at once in each forward, which is what FSDP is for avoiding."""
+    if strategy.kwargs.get("auto_wrap_policy") is not None:
+        return
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    names = set(getattr(peft_model.get_base_model(), "_no_split_modules", None) or ())
+    layers = {type(m) for m in peft_model.modules() if type(m).__name__ in names}
+    if not layers:
+        log.warning("FSDP: %s names no transformer block class: the whole model is one FSDP unit", type(peft_model.get_base_model()).__name__)
+        return
+    log.info("FSDP: one unit per %s", ", ".join(sorted(c.__name__ for c in layers)))
+    strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(layers)
+
+
+def gather_adapter(strategy, peft_model) -> dict[str, torch.Tensor]:
+    """The trained LoRA weights, whole, on every rank (CPU copies, named as in an unwrapped peft model),
+    from a model that FSDP has sharded. Every rank must call it (it is a collective)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = strategy.root_device.type != "cpu"  # the whole model is assembled in host memory, not on the GPU
+    with FSDP.summon_full_params(strategy.model, writeback=False, offload_to_cpu=offload):
+        return {
+            _unwrapped_name(name): p.detach().to("cpu", copy=True)
+            for name, p in peft_model.named_parameters()
+            if p.requires_grad
+        }
+
+
+def load_adapter(peft_model, adapter: dict[str, torch.Tensor]) -> None:
+    """Put gathered adapter weights into a freshly built peft model; every trainable weight must be there."""
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    if trainable != set(adapter):
+        raise RuntimeError(
+            f"FSDP: the gathered adapter does not match the rebuilt model (missing {sorted(trainable - set(adapter))[:3]}, "
+            f"unexpected {sorted(set(adapter) - trainable)[:3]})"
+        )
+    peft_model.load_state_dict(adapter, strict=False)
+
+
+def _unwrapped_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+class CPUFSDPStrategy(pl.strategies.FSDPStrategy):
+    """Lightning's FSDP on CPU processes (gloo), which Lightning itself refuses: the FSDP code paths
+    (sharding, clipping, gathering the adapter) tested without GPUs (``trainer=fsdp_cpu``). Not a way
+    to train faster: use ``trainer=ddp_cpu`` for that."""
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not any(isinstance(m, FSDP) for m in model.modules()):
+            model = FSDP(model, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+            self.kwargs.pop("auto_wrap_policy", None)  # applied
+        return super()._setup_model(model)  # finds it wrapped: the rest of Lightning's set-up

@@ -270,3 +270,62 @@ def test_a_second_two_rank_run_takes_every_stage_from_the_cache(runs):
     assert {k: v for k, v in first.items() if k != "time/seconds"} == {k: v for k, v in second.items() if k != "time/seconds"}
     for name in ("predictions.json", "reflect_predictions.json", "adapter/adapter_model.safetensors"):
         assert (ddp / name).read_bytes() == (again / name).read_bytes(), name
+
+
+# -- fully sharded training (trainer=fsdp_cpu: Lightning's FSDP on gloo processes) ---------------------
+# A clip small enough to act on every step: clipping by the norm over all shards is part of what must
+# match DDP (a per-shard norm, or none, would train other weights).
+CLIPPED = [*TINY, *SHARED, "trainer.gradient_clip_val=0.01"]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The same two-rank run trained with FSDP and with DDP."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "laffi_exp"]
+    out = {}
+    for name in ("fsdp_cpu", "ddp_cpu"):
+        proc = _launch([*torchrun, *CLIPPED, f"trainer={name}", f"paths.cache_dir={tmp / 'models'}",
+                        f"cache.dir={tmp / 'stages'}", f"hydra.run.dir={tmp / name}"], cwd=tmp)
+        assert proc.returncode == 0, proc.stdout[-5000:]
+        out[name] = (tmp / name, proc.stdout)
+    return out
+
+
+def test_fsdp_trains_the_adapter_that_ddp_trains(sharded):
+    import torch
+    from safetensors.torch import load_file
+
+    (fsdp, log), (ddp, _) = sharded["fsdp_cpu"], sharded["ddp_cpu"]
+    assert "FSDP: one unit per LlamaDecoderLayer" in log  # sharded by transformer block
+    assert re.search(r"FSDP: gathered \d+ adapter tensors", log)
+    stages = [json.loads((d / "manifest.json").read_text())["stages"] for d in (fsdp, ddp)]
+    assert not stages[0]["train"]["hit"] and not stages[1]["train"]["hit"]  # each trained its own
+    assert stages[0]["train"]["key"] != stages[1]["train"]["key"]
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp, ddp))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 0  # trained (lora_B starts at zero)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_run_writes_the_artifacts_of_a_ddp_run(sharded):
+    (fsdp, _), (ddp, _) = sharded["fsdp_cpu"], sharded["ddp_cpu"]
+    for name in ARTIFACTS:
+        assert (fsdp / name).is_file(), name
+    assert _files(fsdp) == _files(ddp)
+    metrics, reference = (json.loads((d / "metrics.json").read_text()) for d in (fsdp, ddp))
+    assert metrics.keys() == reference.keys()
+    for key in metrics.keys() - {"time/seconds"}:  # losses agree to float rounding; scores exactly
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-5), key
+    assert (fsdp / "predictions.json").read_text() == (ddp / "predictions.json").read_text()
+
+
+def test_fsdp_refuses_4bit_before_any_work(make_cfg, tmp_path):
+    from laffi_exp.errors import ConfigError
+    from laffi_exp.pipeline import run
+
+    cfg = make_cfg("trainer=fsdp", "model=hf", "model.name_or_path=org/some-7b", "model.load_in_4bit=true", embedded=False)
+    with pytest.raises(ConfigError, match="model.load_in_4bit: FSDP does not shard 4-bit weights"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

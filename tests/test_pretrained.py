@@ -310,6 +310,7 @@ def test_trainer_preset_composes(make_cfg, preset):
         "ddp": {"accelerator": "gpu", "num_nodes": 1, "strategy": "DDPStrategy"},
         "fsdp": {"accelerator": "gpu", "num_nodes": 1, "strategy": "FSDPStrategy"},
         "ddp_cpu": {"accelerator": "cpu", "devices": 2, "strategy": "DDPStrategy", "precision": "32-true"},
+        "fsdp_cpu": {"accelerator": "cpu", "devices": 2, "strategy": "CPUFSDPStrategy", "precision": "32-true"},
     }[preset]
     for key, value in expected.items():
         got = trainer[key]._target_.rsplit(".", 1)[-1] if key == "strategy" else trainer[key]
