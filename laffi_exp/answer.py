@@ -57,6 +57,69 @@ def generate(
     return out
 
 
+@torch.inference_mode()
+def sequence_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """Sum of the log-probabilities of the tokens of ``continuations[i]`` given ``prompts[i]``
+    (teacher forcing), in input order.
+
+    Tokenized as training does (``laffi_exp.train.encode_pair``, without the EOS): the prompt with
+    special tokens, the continuation without, concatenated. Consecutive chunks of ``batch_size``
+    pairs, right-padded with an attention mask; log-softmax in float32 (or wider). Raises ValueError
+    when the two lists differ in length or a prompt or continuation has no tokens.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: lengths must match")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    cont_ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, cont_ids)):
+        if not c_ids:
+            raise ValueError(f"continuation {i} ({continuations[i]!r}) tokenizes to zero tokens")
+        if not p_ids:
+            # Nothing to condition the first continuation token on.
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to zero tokens")
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out: list[float] = []
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="logprobs", leave=False, mininterval=2):
+            rows = [p + c for p, c in zip(prompt_ids[start : start + batch_size], cont_ids[start : start + batch_size])]
+            n_prompt = [len(p) for p in prompt_ids[start : start + batch_size]]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            # scored[b, t]: the token at t + 1 is a continuation token, predicted by the logits at t.
+            scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+            for b, (r, n) in enumerate(zip(rows, n_prompt)):
+                input_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+                attention_mask[b, : len(r)] = 1
+                scored[b, n - 1 : len(r) - 1] = True
+            input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+            picked = logits[scored]  # (n continuation tokens, vocab): only these go through log-softmax
+            picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+            token_lp = picked.log_softmax(-1).gather(-1, input_ids[:, 1:][scored].unsqueeze(-1)).squeeze(-1)
+            per_token = torch.zeros(scored.shape, dtype=token_lp.dtype, device=device)
+            per_token[scored] = token_lp
+            out.extend(per_token.sum(-1).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
 def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
     """The indices of ``prompts`` in the batches that ``generate`` forms: sorted by length (stable),
     then cut every ``batch_size``."""

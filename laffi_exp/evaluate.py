@@ -9,6 +9,7 @@ Two protocols:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,10 +29,71 @@ class Reflection:
     prediction: str
 
 
-def score(examples: Sequence[QAExample], predictions: dict[str, str], prefix: str) -> dict[str, float]:
-    """SQuAD 2.0 metrics under ``prefix/`` (``exact``, ``f1``, ``HasAns_exact``, ..., ``total``)."""
-    metrics = score_examples({ex.id: list(ex.answers) for ex in examples}, predictions)
+def score(
+    examples: Sequence[QAExample],
+    predictions: dict[str, str],
+    prefix: str,
+    na_probs: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """SQuAD 2.0 metrics under ``prefix/`` (``exact``, ``f1``, ``HasAns_exact``, ..., ``total``); with
+    ``na_probs`` (question id -> no-answer probability, see :func:`no_answer_probs`) also the official
+    ``best_exact``, ``best_exact_thresh``, ``best_f1`` and ``best_f1_thresh``."""
+    metrics = score_examples({ex.id: list(ex.answers) for ex in examples}, predictions, na_probs)
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def no_answer_probs(
+    examples: Sequence[QAExample],
+    answers: Sequence[Answer],
+    prompter: Prompter,
+    logprob_fn: Callable[[list[str], list[str]], list[float]],
+) -> dict[str, float]:
+    """The no-answer probability of each answer (the official SQuAD 2.0 ``--na-prob-file``), by id.
+
+    For a question the model answered (non-empty prediction), the model's own preference between
+    the no-answer text and its answer, both after the answer prompt::
+
+        na_prob = P(na) / (P(na) + P(ans)) = sigmoid(lp_na - lp_ans)
+
+    where ``lp_na`` is the log-likelihood of ``prompter.answer_target("")`` (the no-answer text,
+    as SFT trains it) and ``lp_ans`` that of ``prompter.answer_target(prediction)``, each summed
+    over its tokens given ``prompter.answer_prompt(example)`` (no EOS). For a question the model
+    already answered with no-answer (prediction "") the probability is 1.0, with no likelihood.
+
+    ``logprob_fn(prompts, continuations)`` returns those sums (e.g. ``laffi_exp.answer.sequence_logprobs``);
+    it is called once with every pair needed (two per answered question), or not at all when no
+    question was answered. Raises ValueError when an answer's id is not among ``examples`` or
+    ``logprob_fn`` returns the wrong number of values or a NaN difference.
+    """
+    by_id = {ex.id: ex for ex in examples}
+    unknown = [a.id for a in answers if a.id not in by_id]
+    if unknown:
+        raise ValueError(f"{len(unknown)} answer(s) have ids not in examples, e.g. {unknown[0]!r}")
+    answered = [a for a in answers if a.prediction]
+    prompts: list[str] = []
+    continuations: list[str] = []
+    for a in answered:
+        prompt = prompter.answer_prompt(by_id[a.id])
+        prompts += [prompt, prompt]
+        continuations += [prompter.answer_target(""), prompter.answer_target(a.prediction)]
+    logprobs = list(logprob_fn(prompts, continuations)) if answered else []
+    if len(logprobs) != len(prompts):
+        raise ValueError(f"logprob_fn returned {len(logprobs)} values for {len(prompts)} (prompt, continuation) pairs")
+    probs: dict[str, float] = {}
+    for k, a in enumerate(answered):
+        diff = float(logprobs[2 * k]) - float(logprobs[2 * k + 1])
+        if math.isnan(diff):
+            raise ValueError(f"no-answer log-likelihood difference is NaN for {a.id!r}")
+        probs[a.id] = _sigmoid(diff)
+    return {a.id: probs[a.id] if a.prediction else 1.0 for a in answers}
+
+
+def _sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def reflect(

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp import annotate as annotation
 from laffi_exp import distributed, evaluate, sweep
-from laffi_exp.answer import as_predictions, batches, generate, predict_answers
+from laffi_exp.answer import as_predictions, batches, generate, predict_answers, sequence_logprobs
 from laffi_exp.cache import StageCache, code_versions, text_digest, weights_fingerprint
 from laffi_exp.cache import key as cache_key
 from laffi_exp.config import validate
@@ -161,6 +161,26 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
         return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
 
     return s.cache.get_or_compute("generations", spec, compute, write, read, label=label)
+
+
+def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuations: list[str], label: str = "likelihood") -> list[float]:
+    """``answer.sequence_logprobs`` through the stage cache, shared between ranks like ``generations``."""
+    batch_size = s.cfg.generation.batch_size
+    pairs = [p + "\x00" + c for p, c in zip(prompts, continuations)]
+    spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs), "batch_size": batch_size}
+
+    def compute() -> list[float]:
+        mine = distributed.my_share(batches(pairs, batch_size))  # similar lengths side by side: little padding
+        values = sequence_logprobs(model, s.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine], batch_size)
+        return distributed.gather_in_order(mine, values, len(pairs))
+
+    def write(folder: Path, values: list[float]) -> None:
+        write_json(folder / "logprobs.json", values, indent=None)
+
+    def read(entry: Path) -> list[float]:
+        return read_json(entry / "logprobs.json")
+
+    return s.cache.get_or_compute("likelihoods", spec, compute, write, read, label=label)
 
 
 def _generator(s: Setup, model, model_key: str, label: str):
@@ -307,22 +327,33 @@ def unsharded(s: Setup, lora_config, adapter: dict[str, torch.Tensor]):
 def evaluate_all(s: Setup, peft_model, adapter_key: str) -> tuple[list[Answer], list[Answer], list[evaluate.Reflection]]:
     """The untrained base (adapter disabled), then the fine-tuned model: direct, and reflect for laffi."""
     cfg, gen, test = s.cfg, s.cfg.generation, s.splits["test"]
+
+    def na_probs(answers: list[Answer], model_key: str, label: str) -> dict[str, float] | None:
+        if not cfg.evaluation.na_probs:
+            return None
+        logprobs = partial(likelihoods, s, peft_model, model_key, label=label)
+        return evaluate.no_answer_probs(test, answers, s.prompter, logprobs)
+
     with peft_model.disable_adapter():
         base_answers = predict_answers(
             peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
             generate_fn=_generator(s, peft_model, s.model_key, "base_test"),
         )
-    if distributed.is_main():
-        write_json(s.out / "base_predictions.json", as_predictions(base_answers))
-    s.metrics.update(evaluate.score(test, as_predictions(base_answers), "base"))
+        base_na = na_probs(base_answers, s.model_key, "base_na_probs")
     answers = predict_answers(
         peft_model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
         generate_fn=_generator(s, peft_model, adapter_key, "test"),
     )
+    test_na = na_probs(answers, adapter_key, "na_probs")
     if distributed.is_main():
+        write_json(s.out / "base_predictions.json", as_predictions(base_answers))
         write_json(s.out / "predictions.json", as_predictions(answers))
         write_jsonl(s.out / "test_generations.jsonl", answers)
-    s.metrics.update(evaluate.score(test, as_predictions(answers), "test"))
+        if base_na is not None:  # score again with `python -m laffi_exp.score eval_data.json predictions.json --na-prob-file na_probs.json`
+            write_json(s.out / "base_na_probs.json", base_na)
+            write_json(s.out / "na_probs.json", test_na)
+    s.metrics.update(evaluate.score(test, as_predictions(base_answers), "base", base_na))
+    s.metrics.update(evaluate.score(test, as_predictions(answers), "test", test_na))
     s.metrics["base/no_answer_predictions"] = sum(a.prediction == "" for a in base_answers)
     s.metrics["test/no_answer_predictions"] = sum(a.prediction == "" for a in answers)
     reflections = []
@@ -474,12 +505,15 @@ def finish_loggers(loggers, failed: bool) -> None:
 def print_summary(metrics: dict[str, Any], out: Path) -> None:
     lines = ["", "=" * 64, f"LaFFi run finished in {metrics['time/seconds']:.0f} s"]
     rows = [("base", "base"), ("fine-tuned (direct)", "test"), ("fine-tuned (reflect)", "test_reflect")]
-    lines.append(f"{'model':<24}{'EM':>8}{'F1':>8}{'HasAns EM':>11}{'NoAns EM':>10}")
+    best = "base/best_f1" in metrics  # evaluation.na_probs: F1 at the best no-answer threshold
+    lines.append(f"{'model':<24}{'EM':>8}{'F1':>8}{'HasAns EM':>11}{'NoAns EM':>10}" + (f"{'best F1':>9}" if best else ""))
     for label, prefix in rows:
         if f"{prefix}/exact" in metrics:
             lines.append(
                 f"{label:<24}{metrics[f'{prefix}/exact']:>8.1f}{metrics[f'{prefix}/f1']:>8.1f}"
                 f"{metrics.get(f'{prefix}/HasAns_exact', float('nan')):>11.1f}{metrics.get(f'{prefix}/NoAns_exact', float('nan')):>10.1f}"
+                + (f"{metrics[f'{prefix}/best_f1']:>9.1f}" if f"{prefix}/best_f1" in metrics else f"{'-':>9}" if best else "")
             )
-    lines += [f"run dir: {out}", "metrics: metrics.json  predictions: predictions.json  adapter: adapter/", "=" * 64]
+    files = "metrics: metrics.json  predictions: predictions.json" + ("  na_probs.json" if best else "") + "  adapter: adapter/"
+    lines += [f"run dir: {out}", files, "=" * 64]
     print("\n".join(lines), flush=True)

@@ -55,7 +55,7 @@ from laffi_exp.squad_metrics import compute_exact, compute_f1, golds_from_datase
 log = logging.getLogger(__name__)
 
 # SQuAD 2.0 metrics summarised over seeds, named as in metrics.json after the "<prefix>/".
-METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")
+METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1")  # best_*: with na_probs
 # Protocol -> metrics.json prefix of the fine-tuned model's scores (see laffi_exp.evaluate).
 PROTOCOLS = {"direct": "test", "reflect": "test_reflect"}
 RESULTS_LEAD = ["job", "method", "human_ratio", "seed", "status", "time/seconds"]

@@ -226,11 +226,11 @@ def test_two_ranks_write_the_artifacts_of_one_process(runs):
 
 def test_sharded_greedy_generation_equals_one_process(runs):
     ddp, single = runs["ddp"][0], runs["single"][0]
-    for name in ("base_predictions.json", "answers.jsonl", "val_answers.jsonl"):  # the untrained base, three stages
+    for name in ("base_predictions.json", "base_na_probs.json", "answers.jsonl", "val_answers.jsonl"):  # the untrained base
         assert (ddp / name).read_text() == (single / name).read_text(), name
     # ... so both runs name the same cache entries for them: one cache serves both kinds of run.
     stages = [json.loads((d / "manifest.json").read_text())["stages"] for d in (ddp, single)]
-    for label in ("answer_train", "answer_validation", "base_test"):
+    for label in ("answer_train", "answer_validation", "base_test", "base_na_probs"):
         assert stages[0][label]["key"] == stages[1][label]["key"], label
 
 

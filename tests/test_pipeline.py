@@ -68,6 +68,26 @@ def test_predictions_are_official_format_and_rescore_to_the_metrics(laffi_run):
         assert rescored["f1"] == pytest.approx(metrics[f"{prefix}/f1"])
 
 
+def test_no_answer_probabilities_give_the_official_best_thresholds(laffi_run, tmp_path):
+    from laffi_exp import score
+
+    cfg, metrics, out = laffi_run
+    for preds_file, na_file, prefix in (("predictions.json", "na_probs.json", "test"), ("base_predictions.json", "base_na_probs.json", "base")):
+        preds, na_probs = (json.loads((out / f).read_text()) for f in (preds_file, na_file))
+        assert na_probs.keys() == preds.keys()
+        assert all(0.0 <= p <= 1.0 for p in na_probs.values())
+        assert all(na_probs[qid] == 1.0 for qid, pred in preds.items() if pred == "")  # already said "no answer"
+        assert len(set(na_probs.values())) > 2  # a real probability, not a copy of the predictions
+        # The files in the run dir give the official script's numbers, which are the run's metrics.
+        result = tmp_path / f"{prefix}.json"
+        assert score.main([str(out / "eval_data.json"), str(out / preds_file), "--na-prob-file", str(out / na_file), "--out-file", str(result)]) == 0
+        official = json.loads(result.read_text())
+        for key in ("exact", "f1", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"):
+            assert metrics[f"{prefix}/{key}"] == pytest.approx(official[key]), f"{prefix}/{key}"
+        assert metrics[f"{prefix}/best_f1"] >= metrics[f"{prefix}/f1"]  # the threshold 1.0 is among those tried
+    assert "test_reflect/best_f1" not in metrics  # for the direct protocol's answers
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["computed-again", "from-stage-cache"])
 def test_same_seed_same_results(laffi_run, tmp_path, cached):
     cfg, metrics, out = laffi_run
@@ -85,10 +105,11 @@ def test_same_seed_same_results(laffi_run, tmp_path, cached):
 
 
 def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
-    metrics = run(make_cfg("method=sft"))
+    metrics = run(make_cfg("method=sft", "evaluation.na_probs=false"))
     out = tmp_path / "run"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "test/exact" in metrics and "base/exact" in metrics
+    assert not (out / "na_probs.json").exists() and not any("best_" in k for k in metrics)  # switched off
     assert not any(k.startswith("test_reflect/") for k in metrics)
     assert not (out / "feedback.jsonl").exists()  # SFT never looks at feedback
 

@@ -97,7 +97,8 @@ def test_cache_keys_change_when_and_only_when_they_should(make_cfg, tmp_path):
     # Another human share: the base's answers are reused; training and what follows are not.
     run(make_cfg(*shared, f"paths.output_dir={tmp_path / 'c'}", "feedback.human_ratio=1.0"))
     assert _events(tmp_path / "c") == {
-        "answer_train": True, "answer_validation": True, "train": False, "base_test": True, "test": False, "reflect": False
+        "answer_train": True, "answer_validation": True, "train": False, "base_test": True, "test": False, "reflect": False,
+        "base_na_probs": True, "na_probs": False,
     }
 
     # Another seed: same base answers (greedy), new adapter.
@@ -111,7 +112,7 @@ def test_cache_keys_change_when_and_only_when_they_should(make_cfg, tmp_path):
 
     # SFT: never answers the training questions; shares the base evaluation.
     run(make_cfg(*shared, f"paths.output_dir={tmp_path / 'f'}", "method=sft"))
-    assert _events(tmp_path / "f") == {"train": False, "base_test": True, "test": False}
+    assert _events(tmp_path / "f") == {"train": False, "base_test": True, "test": False, "base_na_probs": True, "na_probs": False}
 
 
 def _build_once(root: str, marker: str) -> str:
