@@ -63,6 +63,7 @@ class Setup:
     cache: StageCache
     annotators: tuple[Any, Any]  # (human pool, synthetic pool), for laffi
     source: Any  # what loaded the base model (loads it again after FSDP training)
+    rng: dict[str, Any]  # the random state after set-up, restored before the adapter is built
     metrics: dict[str, Any] = field(default_factory=dict)  # -> metrics.json and every logger
     summary: dict[str, Any] = field(default_factory=dict)  # -> the wandb summary only (e.g. the feedback report)
 
@@ -112,7 +113,10 @@ def setup(cfg: DictConfig) -> Setup:
     }
     model_key = cache_key(model_spec)
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, source, metrics)
+    # The adapter's initialisation draws from the global RNG; its cache key assumes the seed alone decides
+    # it, so it must not depend on what stages 1 and 2 drew (an annotator model loaded on a cache miss).
+    rng = rng_state()
+    return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, source, rng, metrics)
 
 
 def generation_device(cfg: DictConfig) -> torch.device:
@@ -133,6 +137,28 @@ def on_device(model, cfg: DictConfig) -> None:
             model.to(device)
         return
     model.to(device)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random state (python, numpy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _check_annotators(annotators) -> None:
@@ -260,6 +286,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
         datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
         lora = instantiate(cfg.method.lora, _convert_="all")
+        set_rng_state(s.rng)
         module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
         history = HistoryLogger()
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))

@@ -121,3 +121,26 @@ def test_a_run_that_builds_the_base_matches_one_that_loads_it(make_cfg, tmp_path
     drop = {"time/seconds"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
     assert (tmp_path / "a" / "feedback.jsonl").read_text() == (tmp_path / "b" / "feedback.jsonl").read_text()
+
+
+def test_the_adapter_does_not_depend_on_random_draws_before_training(make_cfg, tmp_path, monkeypatch):
+    """The trained-adapter cache key holds the seed, not the RNG's history: whatever stages 1 and 2 draw
+    (an annotator model loaded on a cache miss, say) must not change the LoRA initialisation."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from laffi_exp import pipeline
+
+    run(make_cfg(f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false"))
+    annotate = pipeline.annotate
+
+    def drawing(*args, **kwargs):
+        torch.rand(1000), random.random(), np.random.rand()
+        return annotate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "annotate", drawing)
+    run(make_cfg(f"paths.output_dir={tmp_path / 'b'}", "cache.enabled=false"))
+    a, b = ((tmp_path / d / "adapter" / "adapter_model.safetensors").read_bytes() for d in "ab")
+    assert a == b
