@@ -43,6 +43,7 @@ def main() -> None:
     try:
         join_launched_ranks()
         _task()
+        distributed.barrier()  # no rank tears the group down while another still uses it (or its store)
     finally:
         distributed.shutdown()
 

@@ -91,6 +91,8 @@ def sequence_logprobs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformers model
+    keep_supported = getattr(inner, "_supports_logits_to_keep", lambda: False)()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out: list[float] = []
     try:
@@ -108,10 +110,16 @@ def sequence_logprobs(
                 attention_mask[b, : len(r)] = 1
                 scored[b, n - 1 : len(r) - 1] = True
             input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+            # Logits from the first scored position on only (prompts in a batch have similar lengths):
+            # a (batch, width, vocab) tensor would be gigabytes for a large vocabulary.
+            first = min(n_prompt) - 1
+            extra = {"logits_to_keep": width - first} if keep_supported else {}
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+            logits = logits[:, logits.shape[1] - (width - first) : -1]  # positions first .. width-2
+            scored, targets = scored[:, first:], input_ids[:, 1:][:, first:]
             picked = logits[scored]  # (n continuation tokens, vocab): only these go through log-softmax
             picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-            token_lp = picked.log_softmax(-1).gather(-1, input_ids[:, 1:][scored].unsqueeze(-1)).squeeze(-1)
+            token_lp = picked.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
             per_token = torch.zeros(scored.shape, dtype=token_lp.dtype, device=device)
             per_token[scored] = token_lp
             out.extend(per_token.sum(-1).tolist())

@@ -41,7 +41,7 @@ from laffi_exp.feedback_report import feedback_report, flatten
 from laffi_exp.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Answer, Feedback, QAExample
-from laffi_exp.train import HistoryLogger, LoRAFineTuner, PairDataModule, gather_adapter, load_adapter, shard_by_layer
+from laffi_exp.train import FSDP_SCHEME, HistoryLogger, LoRAFineTuner, PairDataModule, gather_adapter, load_adapter, prepare_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,8 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         "world_size": distributed.world_size(),  # the global batch
         "device": generation_device(cfg).type,
     }
+    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        spec["fsdp_scheme"] = FSDP_SCHEME  # how laffi_exp sets FSDP up (units, precision): see train.prepare_fsdp
 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
         datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
@@ -292,7 +294,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
         sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
         if sharded:
-            shard_by_layer(trainer.strategy, module.model)
+            prepare_fsdp(trainer.strategy, module.model, trainer.precision)
         module.train()  # from_pretrained leaves the model in eval mode
         trainer.fit(module, datamodule=datamodule)
         result = {"history": history.rows, "train": {
@@ -302,7 +304,8 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         }}
         if sharded:  # FSDP flattened and sharded the model in place: rebuild it whole, with the trained adapter
             adapter = gather_adapter(trainer.strategy, module.model)
-            del trainer, module
+            datamodule.trainer = None  # (Lightning's back-reference) so that nothing holds the sharded model
+            del trainer, module, datamodule
             s.model = None
             s.model = unsharded(s, lora, adapter)
         else:

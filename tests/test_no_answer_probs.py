@@ -82,6 +82,22 @@ def test_sequence_logprobs_equal_a_hand_computation(model, tokenizer, expected, 
     assert all(v < 0 for v in got)
 
 
+def test_sequence_logprobs_without_logits_to_keep(model, tokenizer, expected, monkeypatch):
+    """Models whose forward has no ``logits_to_keep`` give every position's logits: same numbers."""
+    calls = []
+    forward = model.forward
+
+    def full_logits(*args, **kwargs):
+        calls.append("logits_to_keep" in kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_supports_logits_to_keep", lambda: False)
+    monkeypatch.setattr(model, "forward", full_logits)
+    got = sequence_logprobs(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=3)
+    assert calls and not any(calls)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
 def test_sequence_logprobs_keep_input_order(model, tokenizer, expected):
     got = sequence_logprobs(model, tokenizer, PROMPTS[::-1], CONTINUATIONS[::-1], batch_size=2)
     assert got == pytest.approx(expected[::-1], abs=1e-5)
