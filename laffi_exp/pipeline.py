@@ -127,6 +127,11 @@ def generation_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def uses_fsdp(cfg: DictConfig) -> bool:
+    """Whether the trainer shards the model with FSDP (trainer=fsdp or fsdp_cpu)."""
+    return "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
+
+
 def on_device(model, cfg: DictConfig) -> None:
     """Move the model to the generation device. A 4-bit model is placed on its GPU by its loader; it is
     moved back only after Lightning's teardown left it on the CPU (bitsandbytes >= 0.43.2 moves 4-bit
@@ -282,7 +287,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         "world_size": distributed.world_size(),  # the global batch
         "device": generation_device(cfg).type,
     }
-    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+    if uses_fsdp(cfg):
         spec["fsdp_scheme"] = FSDP_SCHEME  # how laffi_exp sets FSDP up (units, precision): see train.prepare_fsdp
 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
@@ -406,7 +411,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     validate(cfg)
     out = Path(cfg.paths.output_dir)
-    if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")) and OmegaConf.select(cfg, "model.load_in_4bit", default=False):
+    if uses_fsdp(cfg) and OmegaConf.select(cfg, "model.load_in_4bit", default=False):
         raise ConfigError("trainer=fsdp with model.load_in_4bit: FSDP does not shard 4-bit weights; use trainer=ddp for QLoRA")
     join_ranks(cfg)
     done = distributed.on_main(sweep.finished_metrics, cfg, out)  # a finished cell of a re-run sweep: nothing to do
