@@ -18,8 +18,8 @@ Offline stand-ins for the two pools:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -32,17 +32,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from laffi_exp.config import CONF_DIR, validate
 from laffi_exp.errors import ConfigError
+from laffi_exp.hashing import unit_hash
 from laffi_exp.prompts import parse_feedback
 from laffi_exp.records import Answer, Feedback, QAExample
 from laffi_exp.squad_metrics import compute_exact
 
 log = logging.getLogger(__name__)
-
-
-def unit_hash(*parts: object) -> float:
-    """A deterministic number in [0, 1) from the parts (stable across runs, machines and processes)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def is_correct(ex: QAExample, prediction: str) -> bool:
@@ -151,23 +146,39 @@ class RuleBasedAnnotator:
         return f"Incorrect. The answer is \"{ex.gold}\"."
 
 
-def human_ids(ids: Sequence[str], human_ratio: float, seed: int) -> set[str]:
-    """The examples that take human feedback: those whose hash of (seed, id) is below the ratio.
+def exact_share(ratio: float, n: int) -> int:
+    """How many of ``n`` examples a ratio gives: round(ratio x n), halves rounded up."""
+    return math.floor(ratio * n + 0.5)
 
-    Nested by construction: for one seed, the set at a lower ratio is a subset of the set at a higher
-    ratio; the realised share is close to, not exactly, the ratio.
-    """
+
+def _ranked(ids: Sequence[str], seed: int) -> list[str]:
+    """``ids`` in the order of their hash of (seed, id): the same for every ratio."""
+    return sorted(set(ids), key=lambda i: (unit_hash(seed, "human", i), i))
+
+
+def human_ids(ids: Sequence[str], human_ratio: float, seed: int) -> set[str]:
+    """The examples that take human feedback: the first round(ratio x n) of ``ids`` ranked by a hash of
+    (seed, id). Exactly the ratio's share, whatever n; nested: for one seed, the set at a lower ratio
+    is a subset of the set at a higher ratio. Call it per split (each split gets its exact share)."""
     if not 0.0 <= human_ratio <= 1.0:
         raise ValueError(f"feedback.human_ratio: expected a number in [0, 1], got {human_ratio}")
-    return {i for i in ids if unit_hash(seed, "human", i) < human_ratio}
+    ranked = _ranked(ids, seed)
+    return set(ranked[: exact_share(human_ratio, len(ranked))])
+
+
+def human_ids_by_split(splits: Sequence[Sequence[QAExample]], human_ratio: float, seed: int) -> set[str]:
+    """The human-feedback examples of several splits (train, validation), each split its exact share."""
+    return set().union(*(human_ids([ex.id for ex in split], human_ratio, seed) for split in splits))
 
 
 def overlap_ids(ids: Sequence[str], overlap_ratio: float, seed: int) -> set[str]:
-    """Of ``ids`` (the human-feedback examples), those the synthetic pool annotates too, for the
-    report; nested across ratios like ``human_ids``, by another hash."""
+    """Of ``ids`` (the human-feedback examples), those the synthetic pool annotates too, for the report:
+    the first round(ratio x n) in the same ranking as ``human_ids``, so exact and nested across human
+    ratios too (a prefix of a prefix)."""
     if not 0.0 <= overlap_ratio <= 1.0:
         raise ValueError(f"feedback.overlap_ratio: expected a number in [0, 1], got {overlap_ratio}")
-    return {i for i in ids if unit_hash(seed, "overlap", i) < overlap_ratio}
+    ranked = _ranked(ids, seed)
+    return set(ranked[: exact_share(overlap_ratio, len(ranked))])
 
 
 @dataclass(frozen=True)
@@ -291,7 +302,7 @@ def export(overrides: Sequence[str], out: str, ids_file: Path | None, include_go
     splits, answers = pipeline.stage1_answers(cfg)
     examples = [*splits["train"], *splits["validation"]]
     if ids_file is None:
-        ids = sorted(human_ids([ex.id for ex in examples], cfg.feedback.human_ratio, cfg.seed))
+        ids = sorted(human_ids_by_split([splits["train"], splits["validation"]], cfg.feedback.human_ratio, cfg.seed))
         if not ids:
             raise ConfigError(f"feedback.human_ratio={cfg.feedback.human_ratio} gives no example to humans: raise it or pass --ids FILE")
     jsonl_path, csv_path = export_batch(

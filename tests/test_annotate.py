@@ -4,12 +4,13 @@ annotators are driven, the overlap kept for the report, and the export command."
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 
 import pytest
 
-from laffi_exp.annotate import RuleBasedAnnotator, SimulatedHuman, annotate, human_ids, main, overlap_ids
+from laffi_exp.annotate import RuleBasedAnnotator, SimulatedHuman, annotate, human_ids, human_ids_by_split, main, overlap_ids
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.synthetic import generate
 from laffi_exp.records import Answer
@@ -25,11 +26,19 @@ def test_human_sets_are_nested_across_ratios(seed):
         assert lower <= higher
 
 
-def test_human_share_is_close_to_the_ratio_and_depends_on_the_seed():
-    for ratio in (0.25, 0.5, 0.75):
-        assert abs(len(human_ids(IDS, ratio, 0)) / len(IDS) - ratio) < 0.04
+def test_human_share_is_exactly_the_rounded_ratio_and_depends_on_the_seed():
+    for n in (1, 3, 7, 40, 41, 2000):
+        for ratio in (0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0):
+            assert len(human_ids(IDS[:n], ratio, 0)) == math.floor(ratio * n + 0.5), (n, ratio)
+    assert len(human_ids(IDS[:40], 0.25, 0)) == 10  # not 15 of 40 (37.5%), as a coin per example gave
     assert human_ids(IDS, 0.5, 0) == human_ids(list(reversed(IDS)), 0.5, 0)  # order does not matter
     assert human_ids(IDS, 0.5, 0) != human_ids(IDS, 0.5, 1)
+
+
+def test_overlap_is_an_exact_share_nested_across_human_ratios():
+    low, high = human_ids(IDS[:200], 0.25, 3), human_ids(IDS[:200], 0.75, 3)
+    o_low, o_high = overlap_ids(sorted(low), 0.1, 3), overlap_ids(sorted(high), 0.1, 3)
+    assert (len(o_low), len(o_high)) == (5, 15) and o_low <= low and o_low < o_high <= high
 
 
 def test_ratio_out_of_range_is_refused():
@@ -154,8 +163,9 @@ def test_export_command_writes_the_human_share_of_train_and_validation(tmp_path,
     splits, _ = _fake_stage1([])(None)
     ids = [ex.id for ex in splits["train"] + splits["validation"]]
     low, high = _rows(tmp_path / "low.csv"), _rows(tmp_path / "high.csv")
-    assert [r["id"] for r in low] == [i for i in ids if i in human_ids(ids, 0.3, 7)]
-    assert [r["id"] for r in high] == [i for i in ids if i in human_ids(ids, 0.6, 7)]
+    per_split = [splits["train"], splits["validation"]]
+    assert [r["id"] for r in low] == [i for i in ids if i in human_ids_by_split(per_split, 0.3, 7)]
+    assert [r["id"] for r in high] == [i for i in ids if i in human_ids_by_split(per_split, 0.6, 7)]
     assert {r["id"] for r in low} < {r["id"] for r in high}
     assert "gold" not in low[0] and "gold" in high[0]
     assert {r["prediction"] for r in low} == {"Nobody", "unanswerable"}

@@ -31,8 +31,9 @@ def test_export_then_a_real_human_file_plus_an_llm_annotator_trains(make_cfg, tm
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "batch.csv").open()))
-    chosen = human_ids([r["id"] for r in rows] + ["x"], 0.3, 0)  # every exported id is in the human share
-    assert rows and {r["id"] for r in rows} <= chosen
+    split_ids = json.loads((tmp_path / "export" / "chosen_ids.json").read_text())
+    chosen = human_ids(split_ids["train"], 0.3, 0) | human_ids(split_ids["validation"], 0.3, 0)
+    assert rows and {r["id"] for r in rows} == chosen  # exactly the human share of each split
     # People fill in the CSV (here: the simulated human's words, signed by two annotators).
     human = SimulatedHuman(seed=7)
     splits_answers = {r["id"]: r for r in rows}
