@@ -86,10 +86,12 @@ def setup(cfg: DictConfig) -> Setup:
     with distributed.main_first():  # a download lands once
         raw = dataset.splits()
     splits = {name: examples_from_squad(data, source=f"{cfg.dataset.name}/{name}") for name, data in raw.items()}
+    prompter, shot_ids = prompter.with_shots(splits["train"])  # a few-shot answer prompt: shots from train only
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "eval_data.json", raw["test"], indent=None)  # score again with `python -m laffi_exp.score`
-        write_json(out / "chosen_ids.json", {name: [ex.id for ex in exs] for name, exs in splits.items()})
+        chosen = {name: [ex.id for ex in exs] for name, exs in splits.items()}
+        write_json(out / "chosen_ids.json", {**chosen, "shots": shot_ids} if shot_ids else chosen)
     log.info("Data: %s", ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     with distributed.main_first():  # the embedded base is built once
         base = source.load()
@@ -108,7 +110,7 @@ def setup(cfg: DictConfig) -> Setup:
         )
     model_spec = {
         "model": OmegaConf.to_container(cfg.model.source, resolve=True),
-        "weights": weights_fingerprint(base.path, cfg.model.source.get("cache_dir")),
+        "weights": getattr(base, "fingerprint", None) or weights_fingerprint(base.path, cfg.model.source.get("cache_dir")),
         "code": code_versions(),
     }
     model_key = cache_key(model_spec)
@@ -243,7 +245,7 @@ def annotate(s: Setup, answers: dict[str, list[Answer]]) -> dict[str, list[Feedb
     human, synthetic = s.annotators
     if hasattr(human, "check_against"):  # a file of human feedback: stale or missing rows are refused here
         examples = s.splits["train"] + s.splits["validation"]
-        chosen = annotation.human_ids([ex.id for ex in examples], cfg.feedback.human_ratio, cfg.seed)
+        chosen = annotation.human_ids_by_split([s.splits["train"], s.splits["validation"]], cfg.feedback.human_ratio, cfg.seed)
         check = human.check_against(examples, answers["train"] + answers["validation"], chosen)
         (log.warning if check.unknown else log.info)(check.summary())
     feedback, report, fallback = {}, {}, 0
@@ -291,7 +293,8 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         spec["fsdp_scheme"] = FSDP_SCHEME  # how laffi_exp sets FSDP up (units, precision): see train.prepare_fsdp
 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
-        datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed)
+        datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length, cfg.seed,
+                                    group_by_length=cfg.method.group_by_length)
         lora = instantiate(cfg.method.lora, _convert_="all")
         set_rng_state(s.rng)
         module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)

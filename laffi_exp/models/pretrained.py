@@ -1,5 +1,6 @@
 """Pretrained base LLMs: any transformers causal LM from a local folder, or a hub id (from the hub when
-it is reachable, else from the local Hugging Face cache), with optional 4-bit QLoRA loading."""
+it is reachable, else from the local Hugging Face cache), or a GGUF checkpoint (converted once, see
+``laffi_exp.models.gguf``), with optional 4-bit QLoRA loading."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import torch
 
 from laffi_exp.env import env_true
 from laffi_exp.errors import ConfigError
+from laffi_exp.models import gguf
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+WEIGHTS_FROM = ("auto", "hub", "package")
 HUB_PROBE_TIMEOUT_S = 5.0  # one request; huggingface_hub's own retries take ~25 s per file when offline
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -29,6 +32,7 @@ class BaseModel:
     name: str
     path: str
     chat_template: bool = False  # prompts must go through format_prompt (an instruct model's chat format)
+    fingerprint: dict | None = None  # what identifies the weights, where the folder's files do not (a GGUF's sha256)
 
     def format_prompt(self, prompt: str) -> str:
         """The text to tokenize for ``prompt``: one user turn of the chat template when ``chat_template``."""
@@ -99,6 +103,10 @@ class PretrainedBase:
 
     A hub id is downloaded when the hub is reachable; offline (``HF_HUB_OFFLINE=1``, or the hub not
     answering one short request) it loads from the local Hugging Face cache, or fails at once.
+    ``gguf_file`` names a GGUF checkpoint in that folder or hub repo instead: it is converted once into
+    a transformers folder under ``convert_dir``. ``package`` names an installed registry package that
+    carries a GGUF of the same model (``weights_from``: ``auto`` uses it when the hub id cannot be had,
+    ``package`` always, ``hub`` never).
     Tokenizers without a pad token get one: EOS, else UNK, else a new ``<pad>`` (embeddings resized);
     padding is masked out of attention and loss, so reusing EOS or UNK changes no result."""
 
@@ -111,6 +119,11 @@ class PretrainedBase:
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
         cache_dir: str | None = None,
+        gguf_file: str | None = None,
+        package: str | None = None,
+        package_extra: str | None = None,
+        weights_from: str = "auto",
+        convert_dir: str | None = None,
     ):
         self.name_or_path = str(name_or_path)
         self.dtype = dtype
@@ -119,7 +132,14 @@ class PretrainedBase:
         self.load_in_4bit = load_in_4bit
         self.gradient_checkpointing = gradient_checkpointing
         self.cache_dir = str(Path(cache_dir).expanduser()) if cache_dir else None
+        self.gguf_file = gguf_file
+        self.package = package
+        self.package_extra = package_extra
+        self.weights_from = weights_from
+        self.convert_dir = Path(convert_dir).expanduser() if convert_dir else Path("~/.cache/laffi_exp/gguf").expanduser()
         self._source: str | None = None  # what check() found to load from: a folder, or the hub id
+        self._gguf: Path | None = None  # the GGUF file to convert (check() found it)
+        self._fingerprint: dict | None = None
         self._checked = False
 
     # -- checks before any weights are read ---------------------------------------------------------
@@ -138,18 +158,82 @@ class PretrainedBase:
                 raise ConfigError(
                     "model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; set model.load_in_4bit=false"
                 )
-        path = Path(self.name_or_path).expanduser()
-        if path.exists() or self._looks_like_path():
-            self._check_folder(path)
-            self._source = str(path)
+        if self.weights_from not in WEIGHTS_FROM:
+            raise ConfigError(f"model.weights_from: expected one of {', '.join(WEIGHTS_FROM)}, got {self.weights_from!r}")
+        if self.weights_from == "package" and not self.package:
+            raise ConfigError("model.weights_from: 'package' needs model.package (an installed package that carries a GGUF)")
+        if self.weights_from == "package":
+            self._gguf = self._package_gguf()
         else:
-            self._source = self._check_hub_id()
+            try:
+                self._locate()
+            except ConfigError as err:
+                if not (self.package and self.weights_from == "auto"):
+                    raise
+                if importlib.util.find_spec(self.package) is None:
+                    raise ConfigError(f"{err}; or install this model's offline copy: {self._install_hint()}") from None
+                log.warning("%s: using the GGUF checkpoint of the installed package %s", err, self.package)
+                self._gguf = self._package_gguf()
+        if self._gguf is not None:
+            gguf.gguf_architecture(self._gguf)  # a readable GGUF of an architecture transformers loads
+            self._checked = True
+            return
         problem = _causal_lm_problem(self._config(), self.trust_remote_code)
         if problem:
             raise ConfigError(f"model.name_or_path: {self.name_or_path!r}: {problem}")
         if self._is_local:
             self._check_weights(Path(self._source))
         self._checked = True
+
+    def _locate(self) -> None:
+        """Find what to load: a folder, a hub id (or its cached folder), or the GGUF file in either."""
+        path = Path(self.name_or_path).expanduser()
+        local = path.exists() or self._looks_like_path()
+        if self.gguf_file:
+            gguf.require_gguf("model.gguf_file")
+            self._gguf = self._local_gguf(path) if local else self._hub_gguf()
+        elif local:
+            self._check_folder(path)
+            self._source = str(path)
+        else:
+            self._source = self._check_hub_id()
+
+    def _local_gguf(self, path: Path) -> Path:
+        if not path.is_dir():
+            raise ConfigError(f"model.name_or_path: {self.name_or_path!r}: no such folder (it should hold model.gguf_file)")
+        file = path / self.gguf_file
+        if not file.is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise ConfigError(
+                f"model.gguf_file: {file} does not exist" + (f" (the folder holds {', '.join(found)})" if found else "")
+            )
+        return file
+
+    def _hub_gguf(self) -> Path:
+        """The GGUF file of a hub repo: downloaded when the hub is reachable, else from the local cache."""
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.name_or_path, self.gguf_file, cache_dir=self.cache_dir)
+        if isinstance(cached, str):
+            return Path(cached)
+        where = f"model.name_or_path: {self.name_or_path!r}"
+        if hub_offline() or not hub_reachable():
+            raise ConfigError(
+                f"{where}: {self.gguf_file} is not in the local Hugging Face cache, and the hub cannot be reached; "
+                "download it first (hf download ID FILE) or give a local folder"
+            )
+        return Path(self._loading(hf_hub_download, self.name_or_path, self.gguf_file, cache_dir=self.cache_dir))
+
+    def _package_gguf(self) -> Path:
+        if importlib.util.find_spec(self.package) is None:
+            raise ConfigError(f"model.package: {self.package} is not installed; install it: {self._install_hint()}")
+        gguf.require_gguf("model.package")
+        return gguf.from_package(self.package, self.convert_dir)
+
+    def _install_hint(self) -> str:
+        if self.package_extra:
+            return f'pip install -e ".[{self.package_extra}]" (or pip install "laffi_exp[{self.package_extra}]")'
+        return f"pip install {self.package.replace('_', '-')} gguf"
 
     def _looks_like_path(self) -> bool:
         name = self.name_or_path
@@ -236,6 +320,12 @@ class PretrainedBase:
 
         if not self._checked:  # the pipeline checks first; a second hub probe would only cost time
             self.check()
+        if self._gguf is not None and self._fingerprint is None:  # converted once, then read from the cache
+            folder, self._fingerprint = gguf.converted(self._gguf, self.convert_dir)
+            self._source = str(folder)
+            problem = _causal_lm_problem(self._config(), self.trust_remote_code)
+            if problem:
+                raise ConfigError(f"model.gguf_file: {self._gguf.name}: {problem}")
         kwargs = self._hub_kwargs()
         tokenizer = self._loading(AutoTokenizer.from_pretrained, self._source, **kwargs)
         dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
@@ -269,7 +359,10 @@ class PretrainedBase:
             log.warning(
                 "model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain", self.name_or_path
             )
-        return BaseModel(model=model, tokenizer=tokenizer, name=self.name_or_path, path=self._source, chat_template=chat)
+        return BaseModel(
+            model=model, tokenizer=tokenizer, name=self.name_or_path, path=self._source, chat_template=chat,
+            fingerprint=self._fingerprint,
+        )
 
     def _quantization(self) -> dict:
         from transformers import BitsAndBytesConfig
