@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from laffi_exp.models.head import output_head_at
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Answer, QAExample
 
@@ -91,8 +92,6 @@ def sequence_logprobs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformers model
-    keep_supported = getattr(inner, "_supports_logits_to_keep", lambda: False)()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out: list[float] = []
     try:
@@ -104,25 +103,20 @@ def sequence_logprobs(
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
             # scored[b, t]: the token at t + 1 is a continuation token, predicted by the logits at t.
-            scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+            scored = torch.zeros((len(rows), width), dtype=torch.bool)
             for b, (r, n) in enumerate(zip(rows, n_prompt)):
                 input_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
                 attention_mask[b, : len(r)] = 1
                 scored[b, n - 1 : len(r) - 1] = True
             input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-            # Logits from the first scored position on only (prompts in a batch have similar lengths):
-            # a (batch, width, vocab) tensor would be gigabytes for a large vocabulary.
-            first = min(n_prompt) - 1
-            extra = {"logits_to_keep": width - first} if keep_supported else {}
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
-            logits = logits[:, logits.shape[1] - (width - first) : -1]  # positions first .. width-2
-            scored, targets = scored[:, first:], input_ids[:, 1:][:, first:]
-            picked = logits[scored]  # (n continuation tokens, vocab): only these go through log-softmax
-            picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-            token_lp = picked.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-            per_token = torch.zeros(scored.shape, dtype=token_lp.dtype, device=device)
-            per_token[scored] = token_lp
-            out.extend(per_token.sum(-1).tolist())
+            targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=pad_id)[scored]
+            # The head only at the scored positions: (n continuation tokens, vocab), not (batch, width, vocab).
+            with output_head_at(model, scored):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            token_lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            row = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(scored)[scored]
+            out.extend(torch.zeros(len(rows), dtype=token_lp.dtype, device=device).index_add_(0, row, token_lp).tolist())
     finally:
         model.train(was_training)
     return out

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-from laffi_exp.annotate import unit_hash
+from laffi_exp.hashing import unit_hash
 from laffi_exp.cache import fingerprint, weights_fingerprint
 from laffi_exp.errors import AnnotationError, ConfigError
 from laffi_exp.io import read_jsonl

@@ -6,8 +6,10 @@ Answer prompt (``answer_template``)::
     Question: {question}
     Answer:
 
-the model continues with `` {answer}`` (the no-answer text for unanswerable questions). The feedback
-prompt (``feedback_template``) appends the predicted answer and asks for feedback::
+the model continues with `` {answer}`` (the no-answer text for unanswerable questions). For a base
+model, an ``instruction`` may come first, then ``shots`` solved questions of the training split (each
+an answer prompt with its answer, then ``shot_separator``). The feedback prompt (``feedback_template``,
+never with an instruction or shots) appends the predicted answer and asks for feedback::
 
     Context: {context}
     Question: {question}
@@ -17,11 +19,13 @@ prompt (``feedback_template``) appends the predicted answer and asks for feedbac
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Sequence
 
+from laffi_exp.hashing import unit_hash
 from laffi_exp.records import QAExample
 
 ANSWER_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
@@ -47,18 +51,51 @@ class Prompter:
     feedback_template: str = FEEDBACK_TEMPLATE
     no_answer_text: str = NO_ANSWER_TEXT
     no_answer_phrases: tuple[str, ...] = field(default=NO_ANSWER_PHRASES)
+    instruction: str = ""  # text before every answer prompt (and its shots), e.g. what a base model should write
+    shots: int = 0  # solved training questions before every answer prompt (with_shots chooses them)
+    shot_seed: int = 0  # which ones (fixed across run seeds, so every seed's base gives the same answers)
+    shot_separator: str = "\n\n"
     # Wraps every prompt for the model, e.g. as one user turn of an instruct model's chat template.
     wrap: Callable[[str], str] | None = None
+    prefix: str = ""  # the rendered shots (set by with_shots, not a config key)
 
     def _wrap(self, prompt: str) -> str:
         return self.wrap(prompt) if self.wrap is not None else prompt
 
     def answer_prompt(self, ex: QAExample) -> str:
-        return self._wrap(self.answer_template.format(context=ex.context, question=ex.question))
+        return self._wrap(self.instruction + self.prefix + self.answer_template.format(context=ex.context, question=ex.question))
+
+    def with_shots(self, train: Sequence[QAExample]) -> tuple["Prompter", list[str]]:
+        """This prompter with its ``shots`` rendered as the prefix of every answer prompt, and their ids.
+        The shots come from ``train`` only (never the test split): of 64 candidates drawn by a hash of
+        (shot_seed, id), the shortest passages, half of them unanswerable (a base model learns from them
+        to say the no-answer text), in the candidates' order."""
+        if self.shots <= 0:
+            return self, []
+        seed = self.shot_seed
+        ranked = sorted(train, key=lambda ex: unit_hash(seed, "shot", ex.id))[:64]
+        n_unanswerable = self.shots // 2
+        chosen = [ex for ex in sorted(ranked, key=lambda ex: len(ex.context)) if ex.answers][: self.shots - n_unanswerable]
+        chosen += [ex for ex in sorted(ranked, key=lambda ex: len(ex.context)) if not ex.answers][:n_unanswerable]
+        chosen.sort(key=lambda ex: unit_hash(seed, "shot", ex.id))
+        prefix = "".join(
+            self.answer_template.format(context=ex.context, question=ex.question) + self.answer_target(ex.gold) + self.shot_separator
+            for ex in chosen
+        )
+        return dataclasses.replace(self, prefix=prefix), [ex.id for ex in chosen]
 
     def answer_target(self, answer: str) -> str:
         """The completion for an answer prompt: a leading space, then the answer or the no-answer text."""
         return " " + (answer if answer else self.no_answer_text)
+
+    def longest_prompt(self, ex: QAExample) -> str:
+        """The longer of the answer prompt and the feedback prompt (with an empty prediction): what must
+        fit the model's window. Without shots the feedback prompt is always the longer."""
+        feedback = self.feedback_prompt(ex, "")
+        if not self.prefix and not self.instruction:
+            return feedback
+        answer = self.answer_prompt(ex)
+        return answer if len(answer) > len(feedback) else feedback
 
     def feedback_prompt(self, ex: QAExample, prediction: str) -> str:
         shown = prediction if prediction else self.no_answer_text

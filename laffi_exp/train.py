@@ -1,6 +1,11 @@
 """Stage 3, fine-tuning with LoRA: a LightningDataModule of (prompt, target) pairs with the loss on
 target tokens only, and a LightningModule wrapping a transformers causal LM in a ``peft`` adapter.
 
+The output head runs only at the positions whose next token carries loss (``output_head_at``): with a
+262k-entry vocabulary a (batch x length x vocabulary) logits tensor is gigabytes, and the head would
+take most of a step. Batches group examples of similar length (``LengthGroupedSampler``), so little
+of a batch is padding.
+
 ``method=laffi`` pairs are (question, context, predicted answer) → feedback; ``method=sft`` pairs are
 (question, context) → gold answer. Both use the same examples in the same order, so they compare.
 """
@@ -10,14 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from laffi_exp.models.head import output_head_at
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Feedback, QAExample
 
@@ -90,28 +96,102 @@ def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class PairDataModule(pl.LightningDataModule):
-    """Train and validation pairs, tokenized once; the shuffle order comes from ``seed``."""
+class LengthGroupedSampler(Sampler[int]):
+    """A seeded shuffle in which consecutive ``batch_size`` indices have similar lengths: each epoch the
+    examples are shuffled, cut into groups of ``group`` batches, each group sorted by length (longest
+    first) and cut into batches, and the batches shuffled again. Every example is seen once an epoch;
+    the order depends only on (seed, epoch) and the lengths."""
 
-    def __init__(self, tokenizer, train: Sequence[Pair], val: Sequence[Pair], batch_size: int, max_length: int, seed: int):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 32):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        size = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            yield from batches[b]
+
+
+class PairDataModule(pl.LightningDataModule):
+    """Train and validation pairs, tokenized once; the shuffle order comes from ``seed``. With
+    ``group_by_length`` the training batches hold examples of similar length (little padding); the
+    validation batches are always cut from the pairs sorted by length (their order changes no loss)."""
+
+    def __init__(self, tokenizer, train: Sequence[Pair], val: Sequence[Pair], batch_size: int, max_length: int, seed: int,
+                 group_by_length: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
         self.train_set = PairDataset(tokenizer, train, max_length, "train")
         self.val_set = PairDataset(tokenizer, val, max_length, "validation")
         self.batch_size = batch_size
         self.seed = seed
+        self.group_by_length = group_by_length
         if len(self.train_set) == 0:
-            raise ValueError(f"no training example fits in {max_length} tokens (method.max_length)")
+            raise ValueError(f"no training example fits in {max_length} tokens (model.max_length)")
 
     def _collate(self, batch):
         return collate(batch, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
+        if self.group_by_length:
+            lengths = [len(ids) for ids, _ in self.train_set.items]
+            sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self._collate)
+        by_length = sorted(range(len(self.val_set)), key=lambda i: len(self.val_set.items[i][0]))
+        return DataLoader(torch.utils.data.Subset(self.val_set, by_length), batch_size=self.batch_size, collate_fn=self._collate)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, length) mask of the positions whose logits predict a target token (the next label)."""
+    return torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of ``batch``, the output head run at their positions only:
+    the model's own ``loss`` for the same batch, without its (batch x length x vocabulary) logits."""
+    labels = batch["labels"]
+    with output_head_at(model, target_positions(labels)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
+
+
+@torch.no_grad()
+def head_at_targets_works(model, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether ``output_head_at`` gives ``model``'s own logits on the first row of ``batch`` (a model whose
+    code after the head needs every position would not): checked once before training, in eval mode."""
+    was_training = model.training
+    model.eval()
+    row = {k: v[:1] for k, v in batch.items()}
+    try:
+        full = model(input_ids=row["input_ids"], attention_mask=row["attention_mask"], use_cache=False).logits
+        positions = target_positions(row["labels"])
+        with output_head_at(model, positions):
+            picked = model(input_ids=row["input_ids"], attention_mask=row["attention_mask"], use_cache=False).logits
+        return picked.shape == full[positions].shape and torch.allclose(picked.float(), full[positions].float(), rtol=1e-3, atol=1e-4)
+    except Exception as err:  # noqa: BLE001 - any failure means: compute the full logits instead
+        log.warning("The output head at target positions fails for %s (%s): computing full logits", type(model).__name__, err)
+        return False
+    finally:
+        model.train(was_training)
 
 
 class HistoryLogger(Logger):
@@ -143,24 +223,32 @@ class LoRAFineTuner(pl.LightningModule):
     """A causal LM with a LoRA adapter; only adapter weights train. AdamW with linear warm-up and
     cosine decay over the run's optimizer steps."""
 
-    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1):
+    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1, head_at_targets: bool = True):
         super().__init__()
         from peft import get_peft_model
 
         self.model = get_peft_model(model, lora_config)
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
+        self.head_at_targets: bool | None = None if head_at_targets else False  # None: checked on the first batch
 
     def forward(self, **batch):
         return self.model(**batch)
 
+    def loss(self, batch) -> torch.Tensor:
+        if self.head_at_targets is None:
+            self.head_at_targets = head_at_targets_works(self.model, batch)
+        if self.head_at_targets:
+            return target_loss(self.model, batch)
+        return self.model(**batch).loss
+
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):

@@ -81,3 +81,72 @@ def test_too_long_examples_are_dropped_and_counted(tokenizer):
     assert len(dm.train_set) == 4 and dm.train_set.dropped == 4
     with pytest.raises(ValueError, match="max_length"):
         PairDataModule(tokenizer, PAIRS, PAIRS, batch_size=2, max_length=3, seed=0)
+
+
+def _tiny(arch: str, vocab: int):
+    """A tiny causal LM of a family whose output head we run at target positions only."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        return tiny_llama(vocab)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Soft-capping and a tied embedding: code after the head that the target-only loss must keep.
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, sliding_window=8, final_logit_softcapping=5.0,
+    ))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_target_only_head_gives_the_full_logits_loss_and_gradients(tokenizer, arch):
+    from laffi_exp.train import head_at_targets_works, target_loss
+
+    model = _tiny(arch, len(tokenizer))
+    peft_model = LoRAFineTuner(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+                               lambda p: torch.optim.AdamW(p)).model
+    for n, p in peft_model.named_parameters():  # LoRA B starts at zero: move it so every gradient path is live
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = collate([encode_pair(tokenizer, p) for p in PAIRS[:4]], tokenizer.pad_token_id)
+    assert head_at_targets_works(peft_model, batch)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+
+    full = peft_model(**batch).loss
+    full_grads = torch.autograd.grad(full, trainable)
+    mine = target_loss(peft_model, batch)
+    mine_grads = torch.autograd.grad(mine, trainable)
+    assert torch.allclose(mine, full, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(mine_grads, full_grads))
+
+
+def test_target_only_head_computes_logits_at_target_positions_only(tokenizer):
+    from laffi_exp.models.head import output_head_at
+    from laffi_exp.train import target_positions
+
+    model = tiny_llama(len(tokenizer))
+    batch = collate([encode_pair(tokenizer, p) for p in PAIRS[:3]], tokenizer.pad_token_id)
+    positions = target_positions(batch["labels"])
+    with output_head_at(model, positions):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n_target = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert logits.shape == (n_target, len(tokenizer))  # not (batch, length, vocab)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(logits, full[positions], atol=1e-5)
+
+
+def test_length_grouped_batches_cover_every_example_once_with_little_padding():
+    from laffi_exp.train import LengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(10, 400, (200,), generator=torch.Generator().manual_seed(1))]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(200)) and order == list(LengthGroupedSampler(lengths, 8, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(200))
+
+    def padding(idx):
+        batches = [idx[i : i + 8] for i in range(0, len(idx), 8)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    shuffled = torch.randperm(200, generator=torch.Generator().manual_seed(3)).tolist()
+    assert padding(order) < 0.2 * padding(shuffled)

@@ -21,14 +21,14 @@ def fit_contexts(
     max_prompt_tokens: int,
     around_answer: bool,
 ) -> tuple[list[QAExample], int]:
-    """Examples whose feedback prompt (the longer one, with a ``reserve`` for the prediction already
-    taken off ``max_prompt_tokens``) fits; returns them and how many were shortened."""
+    """Examples whose longest prompt (``Prompter.longest_prompt``, with a reserve for the prediction
+    already taken off ``max_prompt_tokens``) fits; returns them and how many were shortened."""
     out, shortened = [], 0
     for ex in examples:
-        if len(tokenizer(prompter.feedback_prompt(ex, ""))["input_ids"]) <= max_prompt_tokens:
+        if len(tokenizer(prompter.longest_prompt(ex))["input_ids"]) <= max_prompt_tokens:
             out.append(ex)  # the common case: one tokenization, nothing to cut
             continue
-        overhead = len(tokenizer(prompter.feedback_prompt(dataclasses.replace(ex, context=""), ""))["input_ids"])
+        overhead = len(tokenizer(prompter.longest_prompt(dataclasses.replace(ex, context="")))["input_ids"])
         budget = max(8, max_prompt_tokens - overhead)
         offsets = tokenizer(ex.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) <= budget:  # the whole-prompt count differed only at the context's edges

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from laffi_exp.annotate import SimulatedHuman, unit_hash
+from laffi_exp.annotate import SimulatedHuman
 from laffi_exp.data.squad import examples_from_squad
 from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
 from laffi_exp.errors import ConfigError
+from laffi_exp.hashing import unit_hash
 from laffi_exp.io import atomic_write_text
 from laffi_exp.models.pretrained import BaseModel
 from laffi_exp.prompts import Prompter
