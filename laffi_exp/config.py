@@ -47,6 +47,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "method.batch_size", 1, float("inf"), integer=True)
     _number(cfg, "method.warmup_ratio", 0.0, 1.0)
     _number(cfg, "model.max_length", 8, float("inf"), integer=True)
+    if cfg.model.get("micro_batch_tokens") is not None:
+        _number(cfg, "model.micro_batch_tokens", 1, float("inf"), integer=True)
     _number(cfg, "generation.max_new_tokens", 1, float("inf"), integer=True)
     if cfg.method.name not in ("laffi", "sft"):
         raise ConfigError(f"method.name: expected 'laffi' or 'sft', got {cfg.method.name!r}")

@@ -284,6 +284,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         "validation": text_digest(t for p in val_pairs for t in (p.prompt, p.target)),
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "max_length": cfg.model.max_length,
+        "micro_batch_tokens": cfg.model.get("micro_batch_tokens"),  # the same gradient up to float rounding
         "seed": cfg.seed,
         "trainer": trainer_cfg,
         "world_size": distributed.world_size(),  # the global batch
@@ -297,7 +298,8 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
                                     group_by_length=cfg.method.group_by_length)
         lora = instantiate(cfg.method.lora, _convert_="all")
         set_rng_state(s.rng)
-        module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio)
+        module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio,
+                               micro_batch_tokens=cfg.model.get("micro_batch_tokens"))
         history = HistoryLogger()
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
         sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
@@ -417,6 +419,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if uses_fsdp(cfg) and OmegaConf.select(cfg, "model.load_in_4bit", default=False):
         raise ConfigError("trainer=fsdp with model.load_in_4bit: FSDP does not shard 4-bit weights; use trainer=ddp for QLoRA")
     join_ranks(cfg)
+    if cfg.model.get("micro_batch_tokens") and distributed.world_size() > 1:
+        raise ConfigError("model.micro_batch_tokens: micro-batches run in one process only; under DDP/FSDP set "
+                          "model.micro_batch_tokens=null and size method.batch_size per rank")
     done = distributed.on_main(sweep.finished_metrics, cfg, out)  # a finished cell of a re-run sweep: nothing to do
     if done is not None:
         return done

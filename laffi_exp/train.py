@@ -219,11 +219,32 @@ class HistoryLogger(Logger):
         self.rows.append({"step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
 
 
+def micro_batches(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into consecutive groups of rows, each at most ``max_tokens`` tokens once padded to its
+    own longest row (a row longer than that is a group of its own), right padding trimmed."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    groups, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while end < len(lengths) and (end + 1 - start) * max(lengths[start : end + 1]) <= max_tokens:
+            end += 1
+        width = max(lengths[start:end])
+        groups.append({k: v[start:end, :width] for k, v in batch.items()})
+        start = end
+    return groups
+
+
 class LoRAFineTuner(pl.LightningModule):
     """A causal LM with a LoRA adapter; only adapter weights train. AdamW with linear warm-up and
-    cosine decay over the run's optimizer steps."""
+    cosine decay over the run's optimizer steps.
 
-    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1, head_at_targets: bool = True):
+    With ``micro_batch_tokens`` each training batch is run as micro-batches of at most that many tokens,
+    their gradients summed before the optimizer step: the memory of a micro-batch, the gradient of the
+    whole batch (its mean loss over target tokens, up to float rounding). One process only: under DDP
+    each backward would all-reduce (use a smaller ``method.batch_size`` per rank there)."""
+
+    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1, head_at_targets: bool = True,
+                 micro_batch_tokens: int | None = None):
         super().__init__()
         from peft import get_peft_model
 
@@ -231,6 +252,7 @@ class LoRAFineTuner(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
         self.head_at_targets: bool | None = None if head_at_targets else False  # None: checked on the first batch
+        self.micro_batch_tokens = micro_batch_tokens
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -243,9 +265,29 @@ class LoRAFineTuner(pl.LightningModule):
         return self.model(**batch).loss
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        parts = micro_batches(batch, self.micro_batch_tokens) if self.micro_batch_tokens else [batch]
+        accumulate = self.trainer.accumulate_grad_batches  # Lightning divides the returned loss by it
+        if self.micro_batch_tokens and batch_idx % accumulate == 0:
+            self.optimizers().zero_grad()  # what Lightning would do after this step (optimizer_zero_grad is off)
+        if len(parts) == 1:
+            loss = self.loss(batch)
+        else:  # all but the last part go backward here; Lightning takes the last one's like any loss
+            n_target = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            share = [int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) / n_target for p in parts]
+            done = torch.zeros((), device=batch["input_ids"].device)
+            for part, w in zip(parts[:-1], share[:-1]):
+                piece = self.loss(part) * w
+                self.trainer.strategy.backward(piece / accumulate, None)
+                done = done + piece.detach()
+            last = self.loss(parts[-1]) * share[-1]
+            loss = last + done  # the batch's mean loss; only ``last`` carries a graph
+        self.log("train/loss", loss.detach() if len(parts) > 1 else loss, prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if not self.micro_batch_tokens:  # else training_step zeroed them before its first micro-batch
+            optimizer.zero_grad()
 
     def validation_step(self, batch, batch_idx):
         loss = self.loss(batch)

@@ -29,6 +29,7 @@ PRESET_ARCHITECTURE = {
     "smollm2_135m": "llama",
     "pythia_70m": "gpt_neox",
     "qwen2_5_0_5b": "qwen2",
+    "gemma3_270m": "gemma3_text",
 }
 TRAINER_PRESETS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml") if p.stem != "default")
 CHAT_TEMPLATE = (
@@ -255,7 +256,8 @@ def test_every_preset_has_a_known_architecture():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_composes_and_instantiates_without_loading(make_cfg, offline, tmp_path, preset):
-    cfg = make_cfg(f"model={preset}", f"model.cache_dir={tmp_path}", embedded=False)
+    # weights_from=hub: the hub id alone (gemma3_270m would fall back to its installed offline package)
+    cfg = make_cfg(f"model={preset}", f"model.cache_dir={tmp_path}", "model.weights_from=hub", embedded=False)
     validate(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert model["name"] == model["name_or_path"] and "/" in model["name_or_path"]
@@ -285,7 +287,7 @@ def test_preset_lora_targets_match_the_architecture(make_cfg, preset):
     else:  # a tiny random model of the preset's architecture: same module names, no download
         config = AutoConfig.for_model(
             architecture, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=128,
+            num_key_value_heads=2, vocab_size=128, **({"head_dim": 16} if architecture == "gemma3_text" else {}),
         )
         model = AutoModelForCausalLM.from_config(config)
     assert _lora_modules(get_peft_model(model, lora)) == set(cfg.model.target_modules)

@@ -79,3 +79,43 @@ def test_reflect_rule():
     assert reflected_answer("1901", "incorrect", None) == "1901"
     assert reflected_answer("1901", "correct", None) == "1901"
     assert reflected_answer("1901", "unknown", "x") == "1901"
+
+
+def _train(n: int) -> list[QAExample]:
+    return [QAExample(f"t{i}", "t", "Word " * (5 + i % 17) + f"fact {i}.", f"What is fact {i}?", (f"fact {i}",) if i % 3 else ())
+            for i in range(n)]
+
+
+def test_shots_come_from_the_given_split_half_unanswerable_and_only_in_answer_prompts():
+    train = _train(100)
+    p, ids = Prompter(shots=4, instruction="Answer briefly.\n\n").with_shots(train)
+    chosen = {ex.id: ex for ex in train if ex.id in ids}
+    assert len(ids) == 4 and set(ids) <= {ex.id for ex in train}
+    assert sum(not ex.answers for ex in chosen.values()) == 2
+    prompt = p.answer_prompt(EX)
+    assert prompt.startswith("Answer briefly.\n\nContext: ") and prompt.endswith(Prompter().answer_prompt(EX))
+    for ex in chosen.values():  # each shot: its answer prompt, its answer (or the no-answer text), a blank line
+        assert Prompter().answer_prompt(ex) + Prompter().answer_target(ex.gold) + "\n\n" in prompt
+    assert p.feedback_prompt(EX, "x") == Prompter().feedback_prompt(EX, "x")  # no instruction, no shots
+    assert p.longest_prompt(EX) == prompt  # what must fit the window
+    # deterministic, fixed by shot_seed (not by the order of the split), another seed draws others
+    assert Prompter(shots=4).with_shots(list(reversed(train)))[1] == Prompter(shots=4).with_shots(train)[1]
+    assert Prompter(shots=4, shot_seed=1).with_shots(train)[1] != ids
+    assert Prompter().with_shots(train) == (Prompter(), [])
+
+
+def test_windowing_counts_the_shots(tmp_path):
+    from laffi_exp.data.window import fit_contexts
+
+    class Chars:  # a tokenizer of one token per character
+        def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+            out = {"input_ids": list(range(len(text)))}
+            if return_offsets_mapping:
+                out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+            return out
+
+    long = QAExample("l", "t", "x" * 300, "What?", ())
+    plain, n_plain = fit_contexts([long], Chars(), Prompter(), 400, around_answer=False)
+    fewshot = Prompter(shots=2).with_shots(_train(50))[0]
+    shortened, n_short = fit_contexts([long], Chars(), fewshot, 400, around_answer=False)
+    assert (n_plain, n_short) == (0, 1) and len(fewshot.answer_prompt(shortened[0])) <= 400

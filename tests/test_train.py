@@ -150,3 +150,30 @@ def test_length_grouped_batches_cover_every_example_once_with_little_padding():
 
     shuffled = torch.randperm(200, generator=torch.Generator().manual_seed(3)).tolist()
     assert padding(order) < 0.2 * padding(shuffled)
+
+
+def test_micro_batches_give_the_whole_batch_gradient_in_one_optimizer_step(tokenizer, tmp_path):
+    """Training with micro_batch_tokens equals training on whole batches: the same adapter after 3 steps."""
+    from laffi_exp.train import micro_batches
+
+    batch = collate([encode_pair(tokenizer, p) for p in PAIRS[:5]], tokenizer.pad_token_id)
+    budget = int(batch["attention_mask"].sum(-1).max()) * 2
+    parts = micro_batches(batch, max_tokens=budget)
+    assert len(parts) == 3 and sum(len(p["input_ids"]) for p in parts) == 5
+    assert all(p["input_ids"].numel() <= budget for p in parts)
+    assert sum(int(p["attention_mask"].sum()) for p in parts) == int(batch["attention_mask"].sum())  # only padding is cut
+
+    def train(micro):
+        pl.seed_everything(0)
+        module = LoRAFineTuner(tiny_llama(len(tokenizer)), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+                               lambda params: torch.optim.AdamW(params, lr=1e-2), micro_batch_tokens=micro)
+        dm = PairDataModule(tokenizer, PAIRS, PAIRS[:2], batch_size=4, max_length=128, seed=0)
+        trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=dm)
+        return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+    first = collate([encode_pair(tokenizer, p) for p in PAIRS[:4]], tokenizer.pad_token_id)
+    assert len(micro_batches(first, 40)) > 1  # the budget below splits every batch
+    whole, micro = train(None), train(40)
+    assert all(torch.allclose(whole[n], micro[n], rtol=1e-4, atol=1e-6) for n in whole)
