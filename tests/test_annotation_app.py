@@ -11,8 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from laffi_exp.annotation_app.batch import read_batch  # noqa: E402
 from laffi_exp.annotation_app.server import STATIC, create_app  # noqa: E402
 from laffi_exp.annotation_app.store import Store  # noqa: E402
 
-from .annotation_batch import IDS, make_batch  # noqa: E402
+from .annotation_helpers import IDS, call, make_batch, serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = "http://127.0.0.1"
@@ -229,48 +227,21 @@ def test_a_plain_import_of_the_annotate_module_loads_no_web_stack():
 
 
 # -- a real server, killed ---------------------------------------------------------------------------
-def _serve(batch: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "laffi_exp.annotate", "serve", str(batch), "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    for line in proc.stdout:  # the URL is printed before it serves
-        match = re.search(r"open (http://\S+)", line)
-        if match:
-            return proc, match.group(1)
-    raise AssertionError(f"serve printed no URL: {proc.stderr.read()[-2000:]}")
-
-
-def _call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_a_killed_server_loses_no_save_and_parallel_saves_conflict(tmp_path):
     batch = make_batch(tmp_path)
-    proc, url = _serve(batch)
+    proc, url = serve(batch)
     try:
-        assert _call(f"{url}api/signin", "POST", {"annotator": "alice"})[0] == 200
-        _call(f"{url}api/annotators/alice/queue")
+        assert call(f"{url}api/signin", "POST", {"annotator": "alice"})[0] == 200
+        call(f"{url}api/annotators/alice/queue")
         assert (
-            _call(f"{url}api/annotators/alice/items/q1", "PUT", {"revision": 0, "feedback": "Correct.", "seconds": 3})[
-                0
-            ]
+            call(f"{url}api/annotators/alice/items/q1", "PUT", {"revision": 0, "feedback": "Correct.", "seconds": 3})[0]
             == 200
         )
         results = []  # two tabs save the same revision at once: one is stored, one refused
         tabs = [
             threading.Thread(
                 target=lambda n=n: results.append(
-                    _call(
+                    call(
                         f"{url}api/annotators/alice/items/q3", "PUT", {"revision": 0, "feedback": f"Correct, tab {n}."}
                     )[0]
                 )
@@ -285,12 +256,24 @@ def test_a_killed_server_loses_no_save_and_parallel_saves_conflict(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no shutdown, no chance to flush anything
         proc.wait(timeout=30)
-    proc, url = _serve(batch)
+    proc, url = serve(batch)
     try:
-        status, item = _call(f"{url}api/annotators/alice/items/q1")
+        status, item = call(f"{url}api/annotators/alice/items/q1")
         assert status == 200 and item["annotation"]["feedback"] == "Correct." and item["annotation"]["seconds"] == 3.0
-        assert _call(f"{url}api/annotators/alice/items/q3")[1]["annotation"]["revision"] == 1
+        assert call(f"{url}api/annotators/alice/items/q3")[1]["annotation"]["revision"] == 1
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert (tmp_path / "batch.annotations.sqlite").is_file()
+
+
+def test_a_port_in_use_is_one_line(tmp_path, capsys):
+    import socket
+
+    batch = make_batch(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(batch), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 127.0.0.1 --port ") and "cannot listen there (Address already in use)" in err

@@ -16,7 +16,7 @@ from laffi_exp.annotation_app.store import Conflict, NotFound, Store
 from laffi_exp.errors import ConfigError
 from laffi_exp.human import human_pool
 
-from .annotation_batch import ANSWERS, EXAMPLES, IDS, PREDICTIONS, make_batch
+from .annotation_helpers import ANSWERS, EXAMPLES, IDS, PREDICTIONS, make_batch
 
 
 @pytest.fixture

@@ -99,18 +99,18 @@ def main(argv: Sequence[str]) -> int:
 
 
 def serve(opts: argparse.Namespace) -> int:
-    local = opts.host.strip("[]") in ("127.0.0.1", "localhost", "::1")
+    try:
+        import uvicorn
+
+        from laffi_exp.annotation_app.server import create_app, is_local
+    except ImportError as err:
+        raise ConfigError(f"serve needs the app extra ({err.name} is not installed): pip install -e '.[app]'") from None
+    local = is_local(opts.host)
     if not local and not opts.allow_remote:
         raise ConfigError(
             f"--host {opts.host}: not a local address; pass --allow-remote to serve on it "
             "(every request then needs the printed token)"
         )
-    try:
-        import uvicorn
-
-        from laffi_exp.annotation_app.server import create_app
-    except ImportError as err:
-        raise ConfigError(f"serve needs the app extra ({err.name} is not installed): pip install -e '.[app]'") from None
     batch = read_batch(opts.batch)
     db = opts.db or batch.path.with_name(batch.path.stem + ".annotations.sqlite")
     store = Store.for_batch(db, batch, per_item=opts.per_item, no_answer_text=opts.no_answer_text)

@@ -121,12 +121,14 @@ function renderList() {
     tr.tabIndex = 0;
     tr.dataset.id = q.id;
     if (state.item && q.id === state.item.id) tr.className = "current";
-    for (const text of [String(i + 1), q.question, q.status, q.verdict || ""]) {
+    const badge = document.createElement("span");
+    badge.className = `badge ${q.status}`;
+    badge.textContent = q.status;
+    for (const content of [String(i + 1), q.question, badge, q.verdict || ""]) {
       const td = document.createElement("td");
-      td.textContent = text;
+      td.append(content);
       tr.append(td);
     }
-    tr.children[2].className = `badge ${q.status}`;
     return tr;
   });
   $("list-body").replaceChildren(...rows);
