@@ -277,3 +277,30 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
         assert main(["serve", str(batch), "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --host 127.0.0.1 --port ") and "cannot listen there (Address already in use)" in err
+
+
+def test_export_db_check_runs_the_checks_of_the_run(store, tmp_path, monkeypatch, capsys):
+    from laffi_exp import pipeline
+
+    from .annotation_helpers import ANSWERS, EXAMPLES
+
+    answers = list(ANSWERS)
+
+    def stage1_answers(cfg):  # the run's answers, as the stage cache would give them
+        return {"train": EXAMPLES[:8], "validation": EXAMPLES[8:]}, {"train": answers[:8], "validation": answers[8:]}
+
+    monkeypatch.setattr(pipeline, "stage1_answers", stage1_answers)
+    store.sign_in("alice")
+    store.queue("alice")
+    for item_id in IDS[:5]:
+        store.save("alice", item_id, revision=0, feedback="Correct.")
+    out, every = tmp_path / "human.jsonl", "feedback.human_ratio=1.0"  # every id goes to humans
+    args = ["export-db", "--db", str(store.path), "--out", str(out), "--force", "--check", every]
+    assert main([*args, "feedback.human.on_missing=synthetic"]) == 0
+    assert "check: human feedback" in capsys.readouterr().out
+    answers[1] = answers[1].__class__("q1", "", "Someone else", "")  # the run now answers q1 otherwise
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --check: feedback.human.path: ") and len(err.strip().splitlines()) == 1
+    assert "stale feedback" in err and "q1 (file 'Ann1', run 'Someone else')" in err and "no feedback for 7 ids" in err
+    assert f"({out} is written all the same)" in err

@@ -3,8 +3,8 @@
 with the mouse, one item flagged as unclear, all kept across a reload, a stale save from a second tab
 refused; then export-db and a run that trains on the exported file.
 
-``LAFFI_CHROMIUM`` names another Chromium; ``LAFFI_SCREENSHOTS=DIR`` keeps the screenshots (the README's
-is ``docs/annotation_app.png``)."""
+``LAFFI_CHROMIUM`` names another Chromium; ``LAFFI_SCREENSHOTS=DIR`` keeps the screenshots (the main
+screen and the list)."""
 
 from __future__ import annotations
 
