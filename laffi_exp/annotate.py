@@ -251,13 +251,18 @@ def _clean(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m laffi_exp.annotate export [--out PREFIX] [--ids FILE] [--include-gold] [--force]
-    [overrides...]``: the run's stage-1 answers for people to annotate, as JSONL and CSV."""
+    [overrides...]``: the run's stage-1 answers for people to annotate, as JSONL and CSV. ``serve`` and
+    ``export-db``: the annotation app over such a batch (``laffi_exp.annotation_app.cli``)."""
     parser = _Parser(
         prog="python -m laffi_exp.annotate",
         description="Export predicted answers for human annotation; fill in `feedback`, then run with "
         "feedback.human.path=FILE.",
     )
-    parser.add_argument("command", choices=["export"], help="export: write the run's answers to annotate")
+    parser.add_argument(
+        "command", choices=["export", "serve", "export-db"],
+        help="export: write the run's answers to annotate; serve BATCH: annotate them in the browser; "
+        "export-db: the browser's annotations as a human feedback file (see `COMMAND --help`)",
+    )
     parser.add_argument("--out", default="human_feedback", help="output prefix: writes PREFIX.jsonl and PREFIX.csv")
     parser.add_argument("--ids", type=Path, help="a file of example ids, one per line (default: those the ratio gives to humans)")
     parser.add_argument("--include-gold", action="store_true", help="add a `gold` column (off: annotators judge unprompted)")
@@ -265,7 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run, e.g. feedback.human_ratio=0.3")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        parser.error("expected a command: export")
+        parser.error("expected a command: export, serve or export-db")
+    if argv[0] in ("serve", "export-db"):  # the annotation app: imported here alone, a plain run never loads it
+        from laffi_exp.annotation_app.cli import main as app_main
+
+        return app_main(argv)
     opts = parser.parse_intermixed_args(argv)
     try:
         jsonl_path, csv_path, count = export(opts.overrides, opts.out, opts.ids, opts.include_gold, opts.force)

@@ -1,6 +1,7 @@
 """The feedback report of a run: per source and per annotator, how often the feedback's verdict agrees
 with the gold answers (SQuAD exact match and F1 of the judged prediction), how good its corrections are
 and how long it is; and, where human and synthetic feedback judge the same answers, how often they agree.
+For the annotation app: human-human agreement where items have several annotators, and time per item.
 
 Shares are in [0, 1] (None where nothing was counted); ``exact`` and ``f1`` are on the SQuAD 0-100 scale.
 """
@@ -98,6 +99,47 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     count_a, count_b = Counter(a), Counter(b)
     chance = sum(count_a[k] * count_b[k] for k in count_a) / n**2
     return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def human_agreement(ratings: Sequence[tuple[str, str, str]]) -> dict[str, Any] | None:
+    """Human-human agreement from (item id, annotator id, verdict) triples, on the items that two or
+    more annotators judged: per pair of annotators, and pooled over all pairs (each pair of verdicts on
+    one item counts once, the annotator whose id sorts first as rater A, for Cohen's kappa). None where
+    no item has two annotators. Verdicts as ``laffi_exp.prompts.parse_feedback`` reads them."""
+    by_item: dict[str, dict[str, str]] = {}
+    for item, annotator, verdict in ratings:
+        by_item.setdefault(item, {})[annotator] = verdict
+    pairs: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for verdicts in by_item.values():
+        names = sorted(verdicts)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                pairs.setdefault((a, b), []).append((verdicts[a], verdicts[b]))
+    if not pairs:
+        return None
+    pooled = [p for group in pairs.values() for p in group]
+    return {
+        "items": sum(len(v) >= 2 for v in by_item.values()),
+        **_rater_agreement(pooled),
+        "pairs": {f"{a}|{b}": _rater_agreement(group) for (a, b), group in sorted(pairs.items())},
+    }
+
+
+def _rater_agreement(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    return {
+        "count": len(pairs),
+        "verdict_agreement": _share(pairs, lambda p: p[0] == p[1]),
+        "kappa": cohen_kappa([a for a, _ in pairs], [b for _, b in pairs]),
+    }
+
+
+def annotation_time(seconds: Sequence[float]) -> dict[str, float | int | None]:
+    """Time spent per annotated item (one value per item and annotator, in seconds): so the cost of
+    human feedback can be set against what it buys."""
+    if not seconds:
+        return {"count": 0, "total": 0.0, "median": None, "mean": None}
+    total, median, mean = float(sum(seconds)), statistics.median(seconds), statistics.fmean(seconds)
+    return {"count": len(seconds), "total": total, "median": median, "mean": mean}
 
 
 def _best(metric: Callable[[str, str], float], ex: QAExample, prediction: str) -> float:

@@ -7,6 +7,8 @@ the required columns; checking it against a run (``HumanFileAnnotator.check_agai
 ratio gives to humans that the file lacks (missing) and rows written for another prediction (stale),
 which refuse the run unless ``on_missing=synthetic``, and ids the run does not have (unknown: only
 reported, since a file may cover more examples than one run uses). Imported files are only ever read.
+An optional ``seconds`` column (time spent on the row, which the annotation app exports) goes into
+the feedback report.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,6 +50,7 @@ class HumanRow:
     feedback: str
     annotator_id: str
     line: int
+    seconds: float | None = None  # annotation time, where the file has it (the annotation app's export-db)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,13 @@ class HumanFileAnnotator:
     def rows(self) -> dict[str, HumanRow]:
         self.check()
         return self._rows
+
+    def time_report(self, ids: Iterable[str]) -> dict | None:
+        """Annotation time of the rows of ``ids`` that carry ``seconds``; None where none does."""
+        from laffi_exp.feedback_report import annotation_time
+
+        seconds = [self.rows[i].seconds for i in ids if i in self.rows and self.rows[i].seconds is not None]
+        return annotation_time(seconds) if seconds else None
 
     def annotator_for(self, example_id: str) -> str:
         return self.rows[example_id].annotator_id or self.name
@@ -171,10 +182,16 @@ def read_rows(path: Path, raw: bytes) -> list[HumanRow]:
     not_text = [line for line, rec in records if any(isinstance(rec.get(k), (dict, list, bool)) for k in (*REQUIRED, "annotator_id"))]
     if not_text:
         problems.append(f"a value is not text on {on_lines(not_text)}")
+    bad_seconds = [line for line, rec in records if _bad_seconds(rec.get("seconds"))]
+    if bad_seconds:
+        problems.append(f"seconds is not a number >= 0 on {on_lines(bad_seconds)}")
     rows = [
-        HumanRow(_text(rec["id"]), _text(rec["prediction"]), _text(rec["feedback"]), _text(rec.get("annotator_id")), line)
+        HumanRow(
+            _text(rec["id"]), _text(rec["prediction"]), _text(rec["feedback"]), _text(rec.get("annotator_id")), line,
+            _seconds(rec.get("seconds")),
+        )
         for line, rec in records
-        if line not in incomplete and line not in not_text
+        if line not in incomplete and line not in not_text and line not in bad_seconds
     ]
     no_id = [r.line for r in rows if not r.id]
     if no_id:
@@ -255,6 +272,25 @@ def on_lines(lines: Sequence[int]) -> str:
 
 def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
+
+
+def _seconds(value: object) -> float | None:
+    """An optional ``seconds`` value (time spent annotating): None if absent or empty; ValueError
+    unless it is a finite number >= 0 (or text that reads as one, from a CSV)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    if not 0 <= number < math.inf:
+        raise ValueError(f"not a number of seconds: {value!r}")
+    return number
+
+
+def _bad_seconds(value: object) -> bool:
+    try:
+        _seconds(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -243,11 +243,13 @@ def annotate(s: Setup, answers: dict[str, list[Answer]]) -> dict[str, list[Feedb
     Rank 0 alone runs it in a distributed run (an LLM annotator costs, a response cache is written)."""
     cfg = s.cfg
     human, synthetic = s.annotators
+    human_time = None
     if hasattr(human, "check_against"):  # a file of human feedback: stale or missing rows are refused here
         examples = s.splits["train"] + s.splits["validation"]
         chosen = annotation.human_ids_by_split([s.splits["train"], s.splits["validation"]], cfg.feedback.human_ratio, cfg.seed)
         check = human.check_against(examples, answers["train"] + answers["validation"], chosen)
         (log.warning if check.unknown else log.info)(check.summary())
+        human_time = human.time_report(check.used) if hasattr(human, "time_report") else None  # rows with `seconds`
     feedback, report, fallback = {}, {}, 0
     for split, prefix in (("train", ""), ("validation", "val_")):
         result = annotation.annotate(
@@ -258,6 +260,8 @@ def annotate(s: Setup, answers: dict[str, list[Answer]]) -> dict[str, list[Feedb
         if result.overlap:
             write_jsonl(s.out / f"{prefix}overlap_feedback.jsonl", [{"human": dataclasses.asdict(h), "synthetic": dataclasses.asdict(y)} for h, y in result.overlap])
         report[split] = feedback_report(s.splits[split], result.feedback, result.overlap)
+    if human_time:
+        report["human_time"] = human_time  # time per human-annotated example used, train and validation
     write_json(s.out / "feedback_report.json", report)
     s.summary.update(flatten(report["train"], prefix="feedback_report"))
     train_fb = feedback["train"]

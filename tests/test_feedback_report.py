@@ -97,3 +97,28 @@ def test_flatten_for_the_wandb_summary():
 def test_feedback_on_unknown_examples_is_refused():
     with pytest.raises(ValueError, match="not among the examples: e9"):
         feedback_report(EXAMPLES, [fb(9, "x", "Correct.", "human", "alice", "correct", None)])
+
+
+def test_human_human_agreement_per_pair_and_pooled():
+    from laffi_exp.feedback_report import human_agreement
+
+    ratings = [
+        ("e1", "alice", "correct"), ("e1", "bob", "correct"), ("e1", "carol", "incorrect"),
+        ("e2", "alice", "incorrect"), ("e2", "bob", "incorrect"),
+        ("e3", "alice", "correct"),  # one annotator: not counted
+    ]
+    agreement = human_agreement(ratings)
+    # Pairs: e1 alice|bob c c, alice|carol c i, bob|carol c i; e2 alice|bob i i. Pooled: 2 of 4 agree;
+    # rater A c c c i, rater B c i i i: chance .75 * .25 + .25 * .75 = .375, kappa (.5 - .375) / .625 = .2
+    assert (agreement["items"], agreement["count"], agreement["verdict_agreement"]) == (2, 4, 0.5)
+    assert agreement["kappa"] == pytest.approx(0.2)
+    assert agreement["pairs"]["alice|bob"] == {"count": 2, "verdict_agreement": 1.0, "kappa": 1.0}
+    assert agreement["pairs"]["bob|carol"] == {"count": 1, "verdict_agreement": 0.0, "kappa": 0.0}  # chance 0
+    assert human_agreement([("e1", "alice", "correct"), ("e2", "bob", "correct")]) is None
+
+
+def test_annotation_time_per_item():
+    from laffi_exp.feedback_report import annotation_time
+
+    assert annotation_time([4.0, 10.0, 30.0, 6.0]) == {"count": 4, "total": 50.0, "median": 8.0, "mean": 12.5}
+    assert annotation_time([]) == {"count": 0, "total": 0.0, "median": None, "mean": None}
