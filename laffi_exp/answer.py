@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from laffi_exp.models import shared_prefix
 from laffi_exp.models.head import output_head_at
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Answer, QAExample
@@ -22,40 +23,50 @@ def generate(
     batch_size: int = 32,
     max_prompt_tokens: int | None = None,
     desc: str = "generate",
+    groups: Sequence[Hashable] | None = None,
+    shared: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, in order. Prompts are sorted by length into batches so
-    that padding stays small; stops at EOS or at the end of the first line."""
+    """Greedy continuations of ``prompts``, in order; stops at EOS or at the end of the first line.
+    Batches hold prompts of similar length (``batches``), left-padded. Prompts of one group (``groups[i]``,
+    e.g. their passage) read their common token prefix once (``laffi_exp.models.shared_prefix``);
+    ``shared`` gives its length per prompt where a caller planned the batches (``batches``)."""
     was_training = model.training
     model.eval()
-    pad_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    ids = _tokenize(tokenizer, prompts, max_prompt_tokens)
+    shared = list(shared) if shared is not None else shared_prefix.shared_lengths(ids, groups)
     out: list[str] = [""] * len(prompts)
     newline_ids = _newline_ids(tokenizer)
+    stop = [tokenizer.eos_token_id, *newline_ids] if newline_ids else tokenizer.eos_token_id
     try:
-        for idx in tqdm(batches(prompts, batch_size), desc=desc, leave=False, mininterval=2):
-            enc = tokenizer(
-                [prompts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                truncation=max_prompt_tokens is not None,
-                max_length=max_prompt_tokens,
-            ).to(device)
+        for batch in tqdm(shared_prefix.plan(ids, shared, groups, batch_size), desc=desc, leave=False, mininterval=2):
+            extra = {}
+            if any(shared[i] for i in batch):
+                cache, p_ids, p_mask, rests = shared_prefix.prefix_batch(model, ids, shared, batch, pad_id)
+                r_ids, r_mask = shared_prefix.left_pad(rests, pad_id, device)
+                input_ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+                extra[shared_prefix.cache_kwarg(model)] = cache
+            else:
+                input_ids, mask = shared_prefix.left_pad([ids[i] for i in batch], pad_id, device)
             gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=[tokenizer.eos_token_id, *newline_ids] if newline_ids else tokenizer.eos_token_id,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=pad_id, eos_token_id=stop, **extra,
             )
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(idx, texts):
+            texts = tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
                 out[i] = text
     finally:
-        tokenizer.padding_side = pad_side
         model.train(was_training)
     return out
+
+
+def _tokenize(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if max_prompt_tokens is not None:  # as the tokenizer truncates: the end is cut
+        side = getattr(tokenizer, "truncation_side", "right")
+        ids = [r[:max_prompt_tokens] if side == "right" else r[-max_prompt_tokens:] for r in ids]
+    return ids
 
 
 @torch.inference_mode()
@@ -65,14 +76,17 @@ def sequence_logprobs(
     prompts: Sequence[str],
     continuations: Sequence[str],
     batch_size: int = 32,
+    groups: Sequence[Hashable] | None = None,
+    shared: Sequence[int] | None = None,
 ) -> list[float]:
     """Sum of the log-probabilities of the tokens of ``continuations[i]`` given ``prompts[i]``
     (teacher forcing), in input order.
 
     Tokenized as training does (``laffi_exp.train.encode_pair``, without the EOS): the prompt with
-    special tokens, the continuation without, concatenated. Consecutive chunks of ``batch_size``
-    pairs, right-padded with an attention mask; log-softmax in float32 (or wider). Raises ValueError
-    when the two lists differ in length or a prompt or continuation has no tokens.
+    special tokens, the continuation without, concatenated. Batches as ``generate`` forms them (prompts
+    of one group read their common prefix once), left-padded; the output head only at the scored
+    positions; log-softmax in float32 (or wider). Raises ValueError when the two lists differ in length
+    or a prompt or continuation has no tokens.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: lengths must match")
@@ -93,40 +107,51 @@ def sequence_logprobs(
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    out: list[float] = []
+    # The prefix shared by a group is the prompts' (the same batches as their generation).
+    shared = list(shared) if shared is not None else shared_prefix.shared_lengths(prompt_ids, groups)
+    full = [p + c for p, c in zip(prompt_ids, cont_ids)]
+    out: list[float] = [0.0] * len(prompts)
     try:
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="logprobs", leave=False, mininterval=2):
-            rows = [p + c for p, c in zip(prompt_ids[start : start + batch_size], cont_ids[start : start + batch_size])]
-            n_prompt = [len(p) for p in prompt_ids[start : start + batch_size]]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for batch in tqdm(shared_prefix.plan(prompt_ids, shared, groups, batch_size), desc="logprobs", leave=False, mininterval=2):
+            extra, start = {}, [0] * len(batch)
+            if any(shared[i] for i in batch):
+                cache, p_ids, p_mask, rests = shared_prefix.prefix_batch(model, full, shared, batch, pad_id)
+                start = [max(shared[i], 1) for i in batch]
+                extra[shared_prefix.cache_kwarg(model)] = cache
+            else:
+                p_mask, rests = None, [full[i] for i in batch]
+            r_ids, r_mask = shared_prefix.left_pad(rests, pad_id, device)
+            mask = r_mask if p_mask is None else torch.cat([p_mask, r_mask], 1)
             # scored[b, t]: the token at t + 1 is a continuation token, predicted by the logits at t.
-            scored = torch.zeros((len(rows), width), dtype=torch.bool)
-            for b, (r, n) in enumerate(zip(rows, n_prompt)):
-                input_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-                attention_mask[b, : len(r)] = 1
-                scored[b, n - 1 : len(r) - 1] = True
-            input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-            targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=pad_id)[scored]
-            # The head only at the scored positions: (n continuation tokens, vocab), not (batch, width, vocab).
-            with output_head_at(model, scored):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            scored = torch.zeros_like(r_mask, dtype=torch.bool)
+            width = r_ids.shape[1]
+            for b, i in enumerate(batch):
+                offset = width - len(rests[b])  # where row b's tokens begin (left padding)
+                first = len(prompt_ids[i]) - 1 - start[b]  # the last prompt token, in the rest
+                scored[b, offset + first : width - 1] = True
+            targets = torch.nn.functional.pad(r_ids[:, 1:], (0, 1), value=pad_id)[scored]
+            with output_head_at(model, scored):  # (n continuation tokens, vocab), not (batch, width, vocab)
+                logits = model(input_ids=r_ids, attention_mask=mask, position_ids=shared_prefix.positions(mask)[:, -width:],
+                               use_cache=bool(extra), **extra).logits
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             token_lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            row = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(scored)[scored]
-            out.extend(torch.zeros(len(rows), dtype=token_lp.dtype, device=device).index_add_(0, row, token_lp).tolist())
+            row = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(scored)[scored]
+            sums = torch.zeros(len(batch), dtype=token_lp.dtype, device=device).index_add_(0, row, token_lp)
+            for b, i in enumerate(batch):
+                out[i] = float(sums[b])
     finally:
         model.train(was_training)
     return out
 
 
-def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """The indices of ``prompts`` in the batches that ``generate`` forms: sorted by length (stable),
-    then cut every ``batch_size``."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+def batches(tokenizer, prompts: Sequence[str], batch_size: int, groups: Sequence[Hashable] | None = None
+            ) -> tuple[list[list[int]], list[int]]:
+    """The batches of prompt indices that ``generate`` (and ``sequence_logprobs``) form, and how many
+    tokens each prompt shares with its group. Given back to them (``shared``) for a subset of whole
+    batches, they form exactly those batches again (a rank's share of a distributed run)."""
+    ids = _tokenize(tokenizer, prompts)
+    shared = shared_prefix.shared_lengths(ids, groups)
+    return shared_prefix.plan(ids, shared, groups, batch_size), shared
 
 
 def _newline_ids(tokenizer) -> list[int]:
@@ -144,15 +169,17 @@ def predict_answers(
     batch_size: int = 32,
     max_prompt_tokens: int | None = None,
     desc: str = "answer",
-    generate_fn: Callable[[list[str], int], list[str]] | None = None,
+    generate_fn: Callable[[list[str], int, list[str]], list[str]] | None = None,
 ) -> list[Answer]:
     """Answer every example; ``prediction`` is the SQuAD answer ("" = no answer), ``generation`` the raw text.
-    ``generate_fn(prompts, max_new_tokens)`` replaces ``generate`` (the pipeline passes a cached one)."""
+    The questions on one passage read it once (``groups``). ``generate_fn(prompts, max_new_tokens, groups)``
+    replaces ``generate`` (the pipeline passes a cached one)."""
     prompts = [prompter.answer_prompt(ex) for ex in examples]
+    groups = [ex.context for ex in examples]
     if generate_fn is not None:
-        generations = generate_fn(prompts, max_new_tokens)
+        generations = generate_fn(prompts, max_new_tokens, groups)
     else:
-        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc)
+        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc, groups=groups)
     return [
         Answer(id=ex.id, question=ex.question, prediction=prompter.to_answer(g), generation=g)
         for ex, g in zip(examples, generations)

@@ -46,7 +46,7 @@ def no_answer_probs(
     examples: Sequence[QAExample],
     answers: Sequence[Answer],
     prompter: Prompter,
-    logprob_fn: Callable[[list[str], list[str]], list[float]],
+    logprob_fn: Callable[[list[str], list[str], list[str]], list[float]],
 ) -> dict[str, float]:
     """The no-answer probability of each answer (the official SQuAD 2.0 ``--na-prob-file``), by id.
 
@@ -60,8 +60,8 @@ def no_answer_probs(
     over its tokens given ``prompter.answer_prompt(example)`` (no EOS). For a question the model
     already answered with no-answer (prediction "") the probability is 1.0, with no likelihood.
 
-    ``logprob_fn(prompts, continuations)`` returns those sums (e.g. ``laffi_exp.answer.sequence_logprobs``);
-    it is called once with every pair needed (two per answered question), or not at all when no
+    ``logprob_fn(prompts, continuations, groups)`` returns those sums (e.g. ``laffi_exp.answer.sequence_logprobs``;
+    ``groups`` names each pair's passage, read once); it is called once with every pair needed (two per answered question), or not at all when no
     question was answered. Raises ValueError when an answer's id is not among ``examples`` or
     ``logprob_fn`` returns the wrong number of values or a NaN difference.
     """
@@ -72,11 +72,13 @@ def no_answer_probs(
     answered = [a for a in answers if a.prediction]
     prompts: list[str] = []
     continuations: list[str] = []
+    groups: list[str] = []
     for a in answered:
         prompt = prompter.answer_prompt(by_id[a.id])
         prompts += [prompt, prompt]
         continuations += [prompter.answer_target(""), prompter.answer_target(a.prediction)]
-    logprobs = list(logprob_fn(prompts, continuations)) if answered else []
+        groups += [by_id[a.id].context] * 2
+    logprobs = list(logprob_fn(prompts, continuations, groups)) if answered else []
     if len(logprobs) != len(prompts):
         raise ValueError(f"logprob_fn returned {len(logprobs)} values for {len(prompts)} (prompt, continuation) pairs")
     probs: dict[str, float] = {}
@@ -104,15 +106,16 @@ def reflect(
     prompter: Prompter,
     max_new_tokens: int,
     batch_size: int,
-    generate_fn: Callable[[list[str], int], list[str]] | None = None,
+    generate_fn: Callable[[list[str], int, list[str]], list[str]] | None = None,
 ) -> list[Reflection]:
     """Predict feedback on each of the model's own answers and apply the correction it names."""
     by_id = {a.id: a for a in answers}
     prompts = [prompter.feedback_prompt(ex, by_id[ex.id].prediction) for ex in examples]
+    groups = [ex.context for ex in examples]  # the questions on one passage read it once
     if generate_fn is not None:
-        texts = generate_fn(prompts, max_new_tokens)
+        texts = generate_fn(prompts, max_new_tokens, groups)
     else:
-        texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="reflect")
+        texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="reflect", groups=groups)
     out = []
     for ex, text in zip(examples, texts):
         first = by_id[ex.id].prediction

@@ -174,15 +174,19 @@ def _check_annotators(annotators) -> None:
             annotator.check()
 
 
-def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tokens: int, label: str = "generate") -> list[str]:
+def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tokens: int, groups: list[str] | None = None,
+                label: str = "generate") -> list[str]:
     """``answer.generate`` through the stage cache: the same model, prompts and settings are generated
     once. With several ranks each generates its share of the batches, and every rank gets all texts."""
     gen = s.cfg.generation
-    spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": gen.batch_size}
+    spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens,
+            "batch_size": gen.batch_size, "groups": text_digest(groups) if groups else None}
 
     def compute() -> list[str]:
-        mine = distributed.my_share(batches(prompts, gen.batch_size))
-        texts = generate(model, s.tokenizer, [prompts[i] for i in mine], max_new_tokens, gen.batch_size, desc=label)
+        plan, shared = batches(s.tokenizer, prompts, gen.batch_size, groups)
+        mine = distributed.my_share(plan)
+        texts = generate(model, s.tokenizer, [prompts[i] for i in mine], max_new_tokens, gen.batch_size, desc=label,
+                         groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
         if distributed.world_size() > 1:
             log.info("Generation %s: rank %d/%d generated %d of %d prompts", label, distributed.rank(), distributed.world_size(), len(mine), len(prompts))
         return distributed.gather_in_order(mine, texts, len(prompts))
@@ -196,15 +200,19 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
     return s.cache.get_or_compute("generations", spec, compute, write, read, label=label)
 
 
-def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuations: list[str], label: str = "likelihood") -> list[float]:
+def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuations: list[str], groups: list[str] | None = None,
+                label: str = "likelihood") -> list[float]:
     """``answer.sequence_logprobs`` through the stage cache, shared between ranks like ``generations``."""
     batch_size = s.cfg.generation.batch_size
     pairs = [p + "\x00" + c for p, c in zip(prompts, continuations)]
-    spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs), "batch_size": batch_size}
+    spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs), "batch_size": batch_size,
+            "groups": text_digest(groups) if groups else None}
 
     def compute() -> list[float]:
-        mine = distributed.my_share(batches(pairs, batch_size))  # similar lengths side by side: little padding
-        values = sequence_logprobs(model, s.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine], batch_size)
+        plan, shared = batches(s.tokenizer, prompts, batch_size, groups)  # the batches sequence_logprobs forms
+        mine = distributed.my_share(plan)
+        values = sequence_logprobs(model, s.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine], batch_size,
+                                   groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
         return distributed.gather_in_order(mine, values, len(pairs))
 
     def write(folder: Path, values: list[float]) -> None:

@@ -41,17 +41,30 @@ def _as_rank(monkeypatch, rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, batch_size", [(16, 4), (17, 4), (5, 8), (24, 1), (0, 4)])
 def test_shares_are_whole_batches_and_gather_back_in_order(monkeypatch, world, n, batch_size):
+    from laffi_exp.answer import _tokenize
+    from laffi_exp.models import shared_prefix
+
     rng = random.Random(n * 10 + world)
-    prompts = [f"p{i} " + "x" * rng.randrange(12) for i in range(n)]  # lengths with ties
-    single = batches(prompts, batch_size)
+    # lengths with ties; groups of prompts that share a long prefix (questions on one passage), split across batches
+    prompts = [f"passage {i % 3} " + "y " * 20 + f"p{i} " + "x" * rng.randrange(12) for i in range(n)]
+    groups = [i % 3 if i % 4 else None for i in range(n)]
+
+    class Words:  # one token per word: the shared prefix is the passage's words
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [[hash(w) % 1000 for w in t.split()] for t in texts]}
+
+    tokenizer = Words()
+    single, shared = batches(tokenizer, prompts, batch_size, groups)
+    assert n < 8 or max(shared) >= shared_prefix.MIN_SHARED
     shards = []
     for rank in range(world):
         _as_rank(monkeypatch, rank, world)
         mine = distributed.my_share(single)
-        # The rank's own batching (what `generate` does with its prompts) gives back exactly its batches
-        # of the single-process run: same prompts side by side, same padding, same greedy outputs.
-        own = [[mine[j] for j in batch] for batch in batches([prompts[i] for i in mine], batch_size)]
-        assert own == single[rank::world]
+        # The rank's own batching (what `generate` does with its prompts and their shared lengths) gives back
+        # exactly its batches of the single-process run: same prompts side by side, same padding, same outputs.
+        ids = _tokenize(tokenizer, [prompts[i] for i in mine])
+        own = shared_prefix.plan(ids, [shared[i] for i in mine], [groups[i] for i in mine], batch_size)
+        assert [[mine[j] for j in batch] for batch in own] == single[rank::world]
         shards.append((mine, [prompts[i].upper() for i in mine]))
     assert sorted(i for mine, _ in shards for i in mine) == list(range(n))
     for order in (shards, shards[::-1]):  # whatever order the shards arrive in

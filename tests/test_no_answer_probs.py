@@ -82,19 +82,20 @@ def test_sequence_logprobs_equal_a_hand_computation(model, tokenizer, expected, 
     assert all(v < 0 for v in got)
 
 
-def test_sequence_logprobs_without_logits_to_keep(model, tokenizer, expected, monkeypatch):
-    """Models whose forward has no ``logits_to_keep`` give every position's logits: same numbers."""
-    calls = []
+def test_sequence_logprobs_read_logits_at_scored_positions_only(model, tokenizer, expected, monkeypatch):
+    """The output head runs only where a continuation token is scored: no (batch, width, vocab) logits."""
+    shapes = []
     forward = model.forward
 
-    def full_logits(*args, **kwargs):
-        calls.append("logits_to_keep" in kwargs)
-        return forward(*args, **kwargs)
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
 
-    monkeypatch.setattr(model, "_supports_logits_to_keep", lambda: False)
-    monkeypatch.setattr(model, "forward", full_logits)
+    monkeypatch.setattr(model, "forward", spy)
     got = sequence_logprobs(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=3)
-    assert calls and not any(calls)
+    n_scored = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in CONTINUATIONS)
+    assert shapes and all(len(shape) == 2 for shape in shapes) and sum(shape[0] for shape in shapes) == n_scored
     assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -158,7 +159,8 @@ class FakeLogprobs:
         self.table = table
         self.calls: list[tuple[list[str], list[str]]] = []
 
-    def __call__(self, prompts: list[str], continuations: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], continuations: list[str], groups: list[str]) -> list[float]:
+        assert len(groups) == len(prompts)  # each pair names its passage
         self.calls.append((list(prompts), list(continuations)))
         return [self.table[(p, c)] for p, c in zip(prompts, continuations)]
 
@@ -259,9 +261,9 @@ def test_no_answer_probs_from_a_real_tiny_model(model, tokenizer):
     answers = [a if a.prediction or a.id == "q3" else answer(a.id, "Bob") for a in answers]
     calls = []
 
-    def logprob_fn(prompts, continuations):
+    def logprob_fn(prompts, continuations, groups):
         calls.append(len(prompts))
-        return sequence_logprobs(model, tokenizer, prompts, continuations, batch_size=4)
+        return sequence_logprobs(model, tokenizer, prompts, continuations, batch_size=4, groups=groups)
 
     probs = no_answer_probs(EXAMPLES, answers, prompter, logprob_fn)
     assert calls == [6]
