@@ -179,7 +179,7 @@ def check_against_run(path: Path, overrides: Sequence[str]) -> str:
     from omegaconf.errors import OmegaConfBaseException
 
     from laffi_exp import pipeline
-    from laffi_exp.annotate import human_ids
+    from laffi_exp.annotate import human_ids_by_split
     from laffi_exp.config import CONF_DIR, validate
 
     run_dir = "paths.output_dir=outputs/${task_name}/exports/${now:%Y-%m-%d_%H-%M-%S}"  # as `export` does
@@ -195,6 +195,6 @@ def check_against_run(path: Path, overrides: Sequence[str]) -> str:
     pool.check()
     splits, answers = pipeline.stage1_answers(cfg)
     examples = [*splits["train"], *splits["validation"]]
-    chosen = human_ids([ex.id for ex in examples], cfg.feedback.human_ratio, cfg.seed)
+    chosen = human_ids_by_split([splits["train"], splits["validation"]], cfg.feedback.human_ratio, cfg.seed)
     check = pool.check_against(examples, [*answers["train"], *answers["validation"]], chosen)
     return "check: " + check.summary()
