@@ -418,12 +418,22 @@ def test_a_finished_run_asked_again_gets_the_analysis_it_lacks_without_training(
     assert (out / "manifest.json").read_text() == manifest  # the run itself was skipped
 
 
+def test_the_analysis_keys_are_no_part_of_a_runs_fingerprint(make_cfg):
+    from laffi_exp import sweep
+
+    plain = sweep.run_identity(make_cfg())
+    assert sweep.run_identity(make_cfg("analysis.attention=true", "analysis.attention_num=5")) == plain
+
+
 def test_options_come_from_the_run_config_then_the_command_line():
     keys = {"attention_num": 5, "attention_window": 3, "attention_far": 9, "attention_layers": [0]}
     cfg = OmegaConf.create({"analysis": keys})
     assert attention.options_from_config(cfg) == Options(num=5, window=3, far=9, layers=(0,))
     assert attention.options_from_config(cfg, num=7, layers=None).num == 7
     assert attention.options_from_config(OmegaConf.create({})) == Options()
+    assert attention.options_from_config(OmegaConf.create({"analysis": {"attention_layers": -1}})).layers == (-1,)
+    with pytest.raises(ConfigError, match="window: expected an integer >= 1, got 2.5"):
+        attention.options_from_config(OmegaConf.create({"analysis": {"attention_window": 2.5}}))
 
 
 # -- the sweep report -------------------------------------------------------------------------------

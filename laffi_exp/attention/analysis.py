@@ -54,12 +54,12 @@ class Options:
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N; in-process runs keep theirs
 
     def check(self) -> None:
-        for name in ("num", "window", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        for name in ("far", "seed", "examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+        for name, lowest in (("num", 1), ("window", 1), ("batch_size", 1), ("far", 0), ("seed", 0), ("examples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ConfigError(f"{name}: expected an integer >= {lowest}, got {value!r}")
+        if self.layers is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in self.layers):
+            raise ConfigError(f"layers: expected layer numbers, got {list(self.layers)!r}")
 
     def recorded(self) -> dict[str, Any]:
         """The options that determine the results (not where or how fast they are computed)."""
@@ -75,8 +75,10 @@ def options_from_config(cfg: DictConfig | None, **overrides: Any) -> Options:
     values: dict[str, Any] = {}
     for name, key in keys.items():
         value = OmegaConf.select(cfg, f"analysis.{key}", default=None) if cfg is not None else None
+        if value is not None and name == "layers":
+            value = (value,) if isinstance(value, int) else tuple(value)
         if value is not None:
-            values[name] = tuple(value) if name == "layers" else value
+            values[name] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     options = Options(**values)
     options.check()

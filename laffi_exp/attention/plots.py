@@ -31,6 +31,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _run(analysis: Analysis) -> str:
+    return f"{analysis.run_dir.name} ({analysis.method}, {Path(analysis.model_name).name})"
+
+
 def _title(kind: str, scope: str) -> str:
     from laffi_exp.attention.report import SCOPE_LABELS
 
@@ -73,7 +77,7 @@ def plot_layers(analysis: Analysis, path: Path) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("layer")
         ax.set_xticks(analysis.layers)
-    fig.suptitle(f"{analysis.run_dir.name}: attention per layer (mean over heads), {len(analysis.ids)} prompts, "
+    fig.suptitle(f"{_run(analysis)}: attention per layer (mean over heads), {len(analysis.ids)} prompts, "
                  "mean and 95% CI")
     return _save(fig, path)
 
@@ -107,7 +111,7 @@ def plot_heads_delta(analysis: Analysis, path: Path) -> Path:
             if r == len(HEADLINE) - 1:
                 ax.set_xlabel("head")
         fig.colorbar(image, ax=list(axes[r]), fraction=0.02, pad=0.01)
-    fig.suptitle(f"{analysis.run_dir.name}: fine-tuned − base per layer and head "
+    fig.suptitle(f"{_run(analysis)}: fine-tuned − base per layer and head "
                  f"(mean over {len(analysis.ids)} prompts)")
     return _save(fig, path)
 
@@ -168,7 +172,7 @@ def plot_example(analysis: Analysis, index: int, path: Path) -> Path:
         fig.colorbar(image, ax=list(axes[r]), fraction=0.03, pad=0.02, label="attention (√ scale)")
     first = analysis.prompts[PROMPTS[0]][index]
     asked = "".join(first.text[s:e] for s, e in first.spans.get("question", [])[:1])
-    fig.suptitle(f"{analysis.run_dir.name}, question {analysis.ids[index]}: {asked[:110]}"
+    fig.suptitle(f"{_run(analysis)}, question {analysis.ids[index]}: {asked[:100]}"
                  + (" (gold span: orange)" if analysis.answerable[index] else " (unanswerable)"))
     return _save(fig, path)
 

@@ -190,8 +190,8 @@ def markdown(analysis: Analysis, paired: Sequence[dict[str, Any]]) -> str:
         "Mean over the analysed layers and heads, per prompt; base and fine-tuned: mean over prompts ± 95% CI "
         "half-width (Student t); the difference: per prompt, percentile bootstrap over prompts. Masses are shares "
         "of a query's attention (0-1), distance is in tokens, entropy in nats. Definitions: README, \"Attention "
-        "analysis\". Per layer: `layers.png`, `paired.csv`; per head: `heads_delta.png`, `summary.csv`; examples: "
-        + ", ".join(f"`example_{safe_name(analysis.ids[i])}.png`" for i in analysis.example_indices) + ".",
+        "analysis\". Per layer: `layers.png`, `paired.csv`; per head: `heads_delta.png`, `summary.csv`"
+        + "".join(f"; example: `example_{safe_name(analysis.ids[i])}.png`" for i in analysis.example_indices) + ".",
     ]
     return "\n".join(lines) + "\n"
 
