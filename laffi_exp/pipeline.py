@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from laffi_exp import annotate as annotation
 from laffi_exp import distributed, evaluate, sweep
 from laffi_exp.answer import as_predictions, batches, generate, predict_answers, sequence_logprobs
+from laffi_exp.attention import analysis as attention
 from laffi_exp.cache import StageCache, code_versions, text_digest, weights_fingerprint
 from laffi_exp.cache import key as cache_key
 from laffi_exp.config import validate
@@ -436,6 +437,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           "model.micro_batch_tokens=null and size method.batch_size per rank")
     done = distributed.on_main(sweep.finished_metrics, cfg, out)  # a finished cell of a re-run sweep: nothing to do
     if done is not None:
+        if distributed.is_main():
+            attention.after_run(cfg, out)  # analysis.attention=true: a finished cell gets the analysis it lacks
         return done
     with sweep.claim(out) if distributed.is_main() else contextlib.nullcontext():  # one job per folder
         return _run(cfg, out, started)
@@ -473,6 +476,7 @@ def _run(cfg: DictConfig, out: Path, started: float) -> dict[str, Any]:
         finish_loggers(loggers, failed=False)
         sweep.mark(cfg, out, "finished", stages=s.cache.events, seconds=metrics["time/seconds"])
         print_summary(metrics, out)
+        attention.after_run(cfg, out, peft_model, s.tokenizer, s.prompter)  # analysis.attention=true
     return metrics
 
 

@@ -12,6 +12,7 @@ SWEEP_DIR (any depth: a folder holding ``metrics.json`` or ``.hydra/``) is one r
 - ``results.md``: the summary as a markdown table (also printed by the CLI).
 - ``paired.csv``: paired differences (LaFFi − SFT, LaFFi − base, SFT − base, ...), only when LaFFi and
   SFT runs share a seed (a compare-methods sweep).
+- ``attention.csv``: the headline attention measures over seeds, when jobs hold ``attention/summary.csv``.
 
 Statistics over seeds (``summary.csv``): a seed counts once (several runs of one seed are averaged,
 with a warning); mean, sample std (ddof=1) and the 95% CI half-width t(0.975, n−1)·std/√n. "base" is
@@ -526,7 +527,8 @@ def _share(ratio: float | None) -> str:
 _SYSTEM_LABELS = {"laffi": "laffi", "laffi_reflect": "laffi (reflect)", "sft": "sft", "base": "base"}
 
 
-def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: Sequence[dict], notes: Sequence[str]) -> str:
+def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: Sequence[dict], notes: Sequence[str],
+             attention: str = "") -> str:
     done = [j for j in jobs if j.metrics is not None]
     missing = [j.name for j in jobs if j.metrics is None]
     lines = [f"# {title}", "", f"{len(jobs)} job(s): {len(done)} with metrics"]
@@ -562,6 +564,8 @@ def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: S
             )
         lines += ["", "Per question, pooled over seeds; CI: percentile bootstrap over test questions "
                   f"({RESAMPLES} resamples). Per seed: paired.csv."]
+    if attention:
+        lines += attention.rstrip("\n").split("\n")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -573,6 +577,17 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     writer.writerow(columns)
     writer.writerows(rows)  # None becomes an empty cell
     return buf.getvalue()
+
+
+def attention_section(jobs: Sequence[Job], out: Path, notes: list[str]) -> tuple[list[Path], str]:
+    """``attention.csv`` and the results.md section: the headline attention measures of the jobs that hold
+    ``attention/summary.csv`` (``analysis.attention=true``), over seeds per method and human share."""
+    from laffi_exp.attention.report import sweep_csv, sweep_markdown, sweep_rows
+
+    rows = sweep_rows(jobs, notes)
+    if not rows:
+        return [], ""
+    return [atomic_write_text(out / "attention.csv", sweep_csv(rows))], sweep_markdown(rows)
 
 
 # --- The report ---------------------------------------------------------------------------------
@@ -618,7 +633,9 @@ def build_report(
         _note(notes, f"ablation.png not drawn: {err}")
     if figure is not None:
         report.files.append(figure)
-    report.markdown = markdown(title, jobs, summary, paired, notes)  # last, so it lists every note
+    attention_files, attention_md = attention_section(jobs, out, notes)
+    report.files += attention_files
+    report.markdown = markdown(title, jobs, summary, paired, notes, attention_md)  # last, so it lists every note
     report.files.append(atomic_write_text(out / "results.md", report.markdown))
     return report
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # Where things go, how they are shown or logged: not part of what a run computes.
-_NOT_RESULTS = ("paths", "logger", "cache", "hydra")
+_NOT_RESULTS = ("paths", "logger", "cache", "hydra", "analysis")  # analysis: reads a finished run, changes no result
 _NOT_RESULTS_LEAVES = ("cache_dir", "convert_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "num_samples_logged")
 # How an endpoint or a download is reached (not what it answers).
 _TRANSPORT = (
