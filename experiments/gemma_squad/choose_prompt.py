@@ -25,7 +25,7 @@ from laffi_exp.pipeline import predict, setup
 HERE = Path(__file__).resolve().parent
 BASE = [
     "model=gemma3_270m", "dataset=squad_v2", f"dataset.path={HERE.parents[2] / 'shared' / 'data' / 'squad_v2'}",
-    "dataset.split_by=article", "model.weights_from=package", "dataset.num_train=200", "dataset.num_val=160", "dataset.num_eval=8", "logger=csv",
+    "dataset.split_by=article", "model.weights_from=package", "dataset.num_train=128", "dataset.num_val=64", "dataset.num_eval=8", "logger=csv",
 ]
 INSTRUCTION = ("Answer the question with a short span copied from the context. "
                "If the context does not answer it, write unanswerable.\n\n")
@@ -33,7 +33,6 @@ CANDIDATES = {
     "zero-shot": ["prompt.shots=0"],
     "zero-shot + instruction": ["prompt.shots=0", f"prompt.instruction='{INSTRUCTION}'"],
     "2-shot": ["prompt.shots=2"],
-    "4-shot": ["prompt.shots=4"],
 }
 
 
