@@ -50,6 +50,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("micro_batch_tokens") is not None:
         _number(cfg, "model.micro_batch_tokens", 1, float("inf"), integer=True)
     _number(cfg, "generation.max_new_tokens", 1, float("inf"), integer=True)
+    _number(cfg, "generation.feedback_max_new_tokens", 1, float("inf"), integer=True)
+    _number(cfg, "generation.batch_size", 1, float("inf"), integer=True)
+    _number(cfg, "dataset.num_val", 1, float("inf"), integer=True)
+    _lora(cfg)
+    _optimizer(cfg)
+    _templates(cfg)
+    _writable(cfg, "paths.cache_dir")
     if cfg.method.name not in ("laffi", "sft"):
         raise ConfigError(f"method.name: expected 'laffi' or 'sft', got {cfg.method.name!r}")
     unknown = set(cfg.evaluation.protocols) - {"direct", "reflect"}
@@ -60,3 +67,63 @@ def validate(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and max_steps != -1:
         _number(cfg, "trainer.max_steps", 1, float("inf"), integer=True)
+
+
+def _lora(cfg: DictConfig) -> None:
+    """The LoRA arguments peft would refuse only once the model is wrapped (after stages 1 and 2)."""
+    _number(cfg, "method.lora.r", 1, float("inf"), integer=True)
+    _number(cfg, "method.lora.lora_alpha", 1e-12, float("inf"))
+    _number(cfg, "method.lora.lora_dropout", 0.0, 0.999999)
+    targets = OmegaConf.select(cfg, "method.lora.target_modules")
+    if targets is not None and not (isinstance(targets, str) or len(targets) > 0):
+        raise ConfigError("method.lora.target_modules: expected module names (e.g. [q_proj, v_proj]), got an empty list")
+
+
+def _optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer once on a dummy parameter: a bad learning rate or argument fails here."""
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(cfg.method.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"method.optimizer: {str(cause).strip().splitlines()[0]}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method.optimizer: {str(err).strip().splitlines()[0]}") from None
+
+
+TEMPLATE_FIELDS = {"answer_template": ("context", "question"), "feedback_template": ("context", "question", "prediction")}
+
+
+def _templates(cfg: DictConfig) -> None:
+    """Format every prompt template with dummy fields: an unknown field or a stray brace fails here."""
+    for key, fields in TEMPLATE_FIELDS.items():
+        template = OmegaConf.select(cfg, f"prompt.{key}")
+        if not isinstance(template, str):
+            raise ConfigError(f"prompt.{key}: expected a text, got {template!r}")
+        try:
+            template.format(**{f: "x" for f in fields})
+        except KeyError as err:
+            raise ConfigError(
+                f"prompt.{key}: unknown field {{{err.args[0]}}}; the fields are {', '.join('{' + f + '}' for f in fields)}"
+            ) from None
+        except (IndexError, ValueError) as err:
+            raise ConfigError(f"prompt.{key}: not a format string ({err}); write a literal brace as {{{{ or }}}}") from None
+
+
+def _writable(cfg: DictConfig, key: str) -> None:
+    """The folder (created if absent) takes a file: checked before anything is computed into it."""
+    import tempfile
+
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write to {path} ({err.strerror or err})") from None

@@ -105,6 +105,7 @@ def setup(cfg: DictConfig) -> Setup:
     gen = cfg.generation
     window = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length)
     budget = window - gen.max_new_tokens - gen.feedback_max_new_tokens
+    _check_window(splits, tokenizer, prompter, window, budget)
     for name in splits:
         splits[name], metrics[f"data/shortened_{name}"] = fit_contexts(
             splits[name], tokenizer, prompter, budget, around_answer=name != "test"
@@ -120,6 +121,20 @@ def setup(cfg: DictConfig) -> Setup:
     # it, so it must not depend on what stages 1 and 2 drew (an annotator model loaded on a cache miss).
     rng = rng_state()
     return Setup(cfg, out, prompter, splits, model, tokenizer, model_key, cache, annotators, source, rng, metrics)
+
+
+def _check_window(splits, tokenizer, prompter, window: int, budget: int) -> None:
+    """The prompt template and generation budgets must leave room for a passage in the model's window."""
+    ex = next((ex for split in splits.values() for ex in split), None)
+    if ex is None:
+        return
+    overhead = len(tokenizer(prompter.longest_prompt(dataclasses.replace(ex, context="")))["input_ids"])
+    if budget < overhead + 8:
+        raise ConfigError(
+            f"model.max_length: {window} tokens leave {budget} for a prompt after generation.max_new_tokens and "
+            f"generation.feedback_max_new_tokens, and the prompt without its passage takes {overhead}: "
+            f"expected at least {overhead + 8 + window - budget}"
+        )
 
 
 def generation_device(cfg: DictConfig) -> torch.device:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import TINY
+from .conftest import TINY, TINYLLAMA, needs
 
 
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -40,13 +41,30 @@ BAD = [
     (["dataset=squad_json", "dataset.path=/does/not/exist.json"], "dataset.path"),
     (["model=no_such_model"], "no_such_model"),
     (["no_such_key=3"], "no_such_key"),
+    (["generation.batch_size=0"], "generation.batch_size"),
+    (["method.lora.r=0"], "method.lora.r"),
+    (["method.optimizer.lr=-1"], "method.optimizer"),
+    (["prompt.answer_template='Q: {question} {nope}'"], "prompt.answer_template: unknown field {nope}"),
+    ([*TINY, "model.max_length=8"], "model.max_length: 8 tokens"),  # found once the tokenizer is loaded
 ]
 
 
-@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
+@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a[-1:]) for a, _ in BAD])
 def test_bad_input_is_one_clear_line(args, needle, tmp_path, cache_dir):
     proc = cli(*args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert needle in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@needs(TINYLLAMA)
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, cache_dir):
+    broken = tmp_path / "broken_model"
+    shutil.copytree(TINYLLAMA, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])  # a download cut short
+    proc = cli("model=hf", f"model.name_or_path={broken}", f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{weights} is damaged or incomplete" in proc.stderr

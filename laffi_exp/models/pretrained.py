@@ -307,12 +307,19 @@ class PretrainedBase:
 
     def _loading(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` with transformers' loading errors turned into one ConfigError line."""
+        from safetensors import SafetensorError
+
         try:
             return fn(*args, **kwargs)
         except (OSError, ValueError, KeyError) as err:
             text = str(err).strip()
             first = text.splitlines()[0] if text else type(err).__name__
             raise ConfigError(f"model.name_or_path: cannot load {self.name_or_path!r} as a causal LM: {first}") from err
+        except SafetensorError as err:  # a truncated or damaged weights file
+            text = str(err).strip()
+            files = sorted(p.name for p in Path(str(self._source)).glob("*.safetensors")) if self._source else []
+            where = f"{Path(str(self._source)) / files[0]}" if len(files) == 1 else f"the .safetensors files of {self._source}"
+            raise ConfigError(f"model.name_or_path: {where} is damaged or incomplete ({text.splitlines()[0] if text else 'unreadable'})") from err
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self) -> BaseModel:
