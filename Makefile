@@ -29,8 +29,8 @@ ablation: ## the human-share ablation sweep (results table and plot in outputs/e
 compare: ## base vs SFT vs LaFFi over seeds, with paired differences
 	$(PYTHON) -m laffi_exp +experiment=compare_methods
 
-base-model: ## build (or find) the embedded default base model in the cache
-	$(PYTHON) -m laffi_exp.models.embedded
+base-model: ## build the embedded default base model into the cache (the package ships it; this rebuilds it)
+	$(PYTHON) -m laffi_exp.models.embedded --build
 
 clean: ## remove run outputs (not the cache)
 	rm -rf outputs multirun

@@ -1,4 +1,4 @@
-"""``python -m laffi_exp [overrides]``: one run (or a ``-m`` sweep) composed from ``conf/``."""
+"""``python -m laffi_exp [overrides]``: one run (or a ``-m`` sweep) composed from ``laffi_exp/conf/``."""
 
 from __future__ import annotations
 

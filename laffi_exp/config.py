@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: found in any install, editable or not
 
 
 def _number(cfg: DictConfig, key: str, lo: float, hi: float, integer: bool = False) -> None:

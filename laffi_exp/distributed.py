@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from laffi_exp.errors import ConfigError
 
-# Rank 0's start time, read by conf/hydra/default.yaml: every rank runs Hydra, and a run dir named
+# Rank 0's start time, read by laffi_exp/conf/hydra/default.yaml: every rank runs Hydra, and a run dir named
 # after each rank's own clock could differ by a second between ranks.
 RUN_TIME_ENV = "LAFFI_RUN_TIME"
 RUN_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # the format of hydra.run.dir's ${now:...}

@@ -525,7 +525,7 @@ def join_ranks(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer: runs {processes} processes (devices x num_nodes) but {world} were launched; every "
             f"stage runs on every rank, so launch them all at the start: torchrun --nproc_per_node={trainer.num_devices} "
-            f"--nnodes={trainer.num_nodes} -m laffi_exp ... (or srun under SLURM; see conf/trainer/ddp.yaml)"
+            f"--nnodes={trainer.num_nodes} -m laffi_exp ... (or srun under SLURM; see laffi_exp/conf/trainer/ddp.yaml)"
         )
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs composed from conf/, a per-session cache for the tiny base model,
+"""Shared fixtures: tiny configs composed from laffi_exp/conf/, a per-session cache for the tiny base model,
 and the paths of the shared data beside the project."""
 
 from __future__ import annotations

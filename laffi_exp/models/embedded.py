@@ -1,5 +1,8 @@
 """The embedded default base LLM: a small LLaMA built from config and warmed up once on the synthetic
-pool, then cached. ``python -m laffi_exp.models.embedded`` builds (or finds) it and prints where it is.
+pool. The package ships the build of the default config (``embedded_base/``, ~4 MB, every file checked
+against its sha256 on load), so a first run starts at once; any other config is built once and cached.
+``python -m laffi_exp.models.embedded`` finds it (``--build``: builds it into the cache even where the
+package ships it) and prints where it is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from laffi_exp.prompts import Prompter
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 3  # bump when the build procedure changes, so old cache entries are not reused
+SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_base"  # the default config's build, package data
 
 
 class EmbeddedBase:
@@ -88,18 +92,41 @@ class EmbeddedBase:
             if not isinstance(self.architecture.get(name), int) or self.architecture[name] <= 0:
                 raise ConfigError(f"model.source.architecture.{name}: expected a positive integer")
 
-    def load(self) -> BaseModel:
+    def shipped(self, folder: Path = SHIPPED_DIR) -> Path | None:
+        """The package's build of this spec, if it ships one and every file matches its sha256."""
+        listing = folder / "SHIPPED.json"
+        if not listing.is_file():
+            return None
+        info = json.loads(listing.read_text())
+        if info.get("key") != self.key():
+            return None  # another config: built and cached as usual
+        for name, digest in info["files"].items():
+            path = folder / name
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                log.warning("The shipped embedded base model fails its checksum (%s): building it instead", path)
+                return None
+        return folder
+
+    def load(self, build: bool = False) -> BaseModel:
+        """The base model: the package's build of this spec, else the cached one, else built now (once,
+        under a file lock). ``build``: never the package's, so the build itself can be checked."""
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         self.check()
-        if not (self.path / "build_info.json").is_file():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.path) + ".lock"):  # parallel sweep jobs: one builds, the others wait
-                if not (self.path / "build_info.json").is_file():
-                    self.build()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.path)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
-        return BaseModel(model=model, tokenizer=tokenizer, name=f"embedded-{self.key()}", path=str(self.path))
+        folder = None if build else self.shipped()
+        if folder is None:
+            folder = self.path
+            if not (self.path / "build_info.json").is_file():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(self.path) + ".lock"):  # parallel sweep jobs: one builds, the others wait
+                    if not (self.path / "build_info.json").is_file():
+                        self.build()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        # By content, not by folder: the shipped and a cached copy of one build share their stage cache.
+        weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        return BaseModel(model=model, tokenizer=tokenizer, name=f"embedded-{self.key()}", path=str(folder),
+                         fingerprint={"embedded": self.key(), "weights_sha256": weights})  # fmt: skip
 
     # -- the one-time build -------------------------------------------------------------------
     def _texts(self) -> list[str]:
@@ -240,10 +267,12 @@ def main() -> None:
     from laffi_exp.config import CONF_DIR
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = sys.argv[1:]
+    build = "--build" in args  # into the cache, even where the package ships this build
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=sys.argv[1:])
+        cfg = compose(config_name="config", overrides=[a for a in args if a != "--build"])
     base = instantiate(cfg.model.source)
-    print(base.load().path)
+    print(base.load(build=build).path)
 
 
 if __name__ == "__main__":
