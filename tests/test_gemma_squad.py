@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from laffi_exp.config import CONF_DIR, validate
@@ -34,6 +35,7 @@ def test_the_experiment_composes_to_the_reported_setup():
     assert cfg.prompt == preset.prompt  # the answer prompt chosen on validation for the preset, not re-set here
 
 
+@pytest.mark.slow
 @needs(SQUAD_DEV)
 @needs(TINYLLAMA)
 def test_the_experiment_runs_tiny_and_reruns_for_free(tmp_path, cache_dir):
