@@ -354,10 +354,9 @@ def test_squad_v2_on_the_shared_dev_file_offline(tmp_path, offline):
 )
 def test_cli_style_bad_settings_fail_in_check(make_cfg, override, needle):
     cfg = make_cfg("dataset=squad_v2", override)
-    validate(cfg)
-    dataset = instantiate(cfg.dataset)
-    with pytest.raises(ConfigError, match=needle):
-        dataset.check()
+    with pytest.raises(ConfigError, match=needle):  # in the config's validation or the dataset's check
+        validate(cfg)
+        instantiate(cfg.dataset).check()
 
 
 def test_composed_default_reads_the_cache_folder(make_cfg, cache_dir, offline):
