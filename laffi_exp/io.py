@@ -33,6 +33,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def atomic_savefig(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=indent, ensure_ascii=False) + "\n")
 

@@ -39,7 +39,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp.errors import ConfigError
-from laffi_exp.io import atomic_write_text, read_json
+from laffi_exp.io import atomic_savefig, atomic_write_text, read_json
 from laffi_exp.squad_metrics import compute_exact, compute_f1, golds_from_dataset, normalize_answer
 
 log = logging.getLogger(__name__)
@@ -500,15 +499,7 @@ def plot_ablation(summary: Sequence[dict[str, Any]], path: Path, title: str) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{title} (mean over seeds, 95% CI)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_savefig(fig, path, dpi=120)
 
 
 # --- Markdown and CSV ---------------------------------------------------------------------------

@@ -4,8 +4,6 @@ prompt's attention map with its segments, base beside fine-tuned)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import numpy as np
 from laffi_exp.attention.analysis import MODELS, Analysis
 from laffi_exp.attention.measures import MEASURES, SCOPES
 from laffi_exp.attention.segments import PROMPTS, SegmentedPrompt
+from laffi_exp.io import atomic_savefig
 
 PANELS = [(kind, scope) for kind in PROMPTS for scope in SCOPES]
 COLORS = {"base": "C7", "fine_tuned": "C0"}
@@ -20,15 +19,7 @@ UNITS = {"distance": "tokens", "entropy": "nats"}
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def _run(analysis: Analysis) -> str:
