@@ -21,10 +21,16 @@ log = logging.getLogger("laffi_exp")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _task(cfg: DictConfig) -> float:
+    return run_or_exit(cfg).get("test/exact", float("nan"))
+
+
+def run_or_exit(cfg: DictConfig) -> dict:
+    """``pipeline.run(cfg)``; a bad input (config, data, model files, human files) ends as one ``error:``
+    line on stderr and exit code 2, never a traceback."""
     from laffi_exp.pipeline import run
 
     try:
-        metrics = run(cfg)
+        return run(cfg)
     except InstantiationException as err:  # a class in the config refused its arguments
         cause = err.__cause__
         text = str(cause) if isinstance(cause, ConfigError) else str(err).strip().splitlines()[0]
@@ -36,7 +42,6 @@ def _task(cfg: DictConfig) -> float:
     except OmegaConfBaseException as err:  # e.g. an interpolation to a value that was never set
         print(f"error: config: {str(err).strip().splitlines()[0]}", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    return metrics.get("test/exact", float("nan"))
 
 
 def main() -> None:

@@ -363,6 +363,7 @@ def test_a_missing_or_unfinished_run_dir_is_one_line_and_exit_2(tmp_path, capsys
     assert "lacks config.yaml, eval_data.json, predictions.json, adapter/adapter_config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_command_prints_no_traceback(tmp_path):
     command = [sys.executable, "-m", "laffi_exp.attention", str(tmp_path / "nowhere")]
     done = subprocess.run(command, capture_output=True, text=True)

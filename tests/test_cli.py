@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from laffi_exp.__main__ import run_or_exit
+
 from .conftest import TINY, TINYLLAMA, needs
 
 
@@ -33,38 +35,66 @@ def test_cli_run_writes_hydra_dir_summary_and_offline_wandb_run(tmp_path, cache_
     assert "LaFFi run finished" in proc.stdout and str(run_dir) in proc.stdout
 
 
+# Every bad input a run can meet, each ending in one `error:` line naming the key or file, exit code 2,
+# before any stage has run. In process (fast); the command line itself is tested on a few rows below.
 BAD = [
     (["feedback.human_ratio=1.5"], "feedback.human_ratio"),
     (["dataset.num_train=-3"], "dataset.num_train"),
-    (["model=hf"], "model.name_or_path"),
-    (["model=hf", "model.name_or_path=/does/not/exist"], "model.name_or_path"),
     (["dataset=squad_json", "dataset.path=/does/not/exist.json"], "dataset.path"),
-    (["model=no_such_model"], "no_such_model"),
-    (["no_such_key=3"], "no_such_key"),
     (["generation.batch_size=0"], "generation.batch_size"),
     (["method.lora.r=0"], "method.lora.r"),
     (["method.optimizer.lr=-1"], "method.optimizer"),
     (["prompt.answer_template='Q: {question} {nope}'"], "prompt.answer_template: unknown field {nope}"),
-    ([*TINY, "model.max_length=8"], "model.max_length: 8 tokens"),  # found once the tokenizer is loaded
+    (["model.max_length=8"], "model.max_length: 8 tokens"),  # found once the tokenizer is loaded
+]
+BAD_HF = [  # the same with a transformers model: the tiny embedded keys do not apply
+    (["model=hf"], "model.name_or_path"),
+    (["model=hf", "model.name_or_path=/does/not/exist"], "model.name_or_path"),
 ]
 
 
-@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a[-1:]) for a, _ in BAD])
-def test_bad_input_is_one_clear_line(args, needle, tmp_path, cache_dir):
-    proc = cli(*args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert needle in proc.stderr
-    assert not (tmp_path / "run" / "metrics.json").exists()
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "needle", "embedded"), [(a, n, True) for a, n in BAD] + [(a, n, False) for a, n in BAD_HF],
+                         ids=[a[-1] for a, _ in BAD + BAD_HF])
+def test_bad_input_is_one_clear_line(args, needle, embedded, make_cfg, tmp_path, capsys):
+    cfg = make_cfg(*args, embedded=embedded)
+    with pytest.raises(SystemExit) as stop:
+        run_or_exit(cfg)
+    assert stop.value.code == 2
+    assert needle in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "feedback_report.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
 @needs(TINYLLAMA)
-def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, cache_dir):
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, make_cfg, capsys):
     broken = tmp_path / "broken_model"
     shutil.copytree(TINYLLAMA, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50_000])  # a download cut short
-    proc = cli("model=hf", f"model.name_or_path={broken}", f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"{weights} is damaged or incomplete" in proc.stderr
+    with pytest.raises(SystemExit) as stop:
+        run_or_exit(make_cfg("model=hf", f"model.name_or_path={broken}", embedded=False))
+    assert stop.value.code == 2
+    assert f"{weights} is damaged or incomplete" in _one_error_line(capsys.readouterr().err)
+
+
+# On the command line: an error Hydra itself finds (fast), and every row above again (slow).
+CLI_BAD = [
+    pytest.param(["no_such_key=3"], "no_such_key", id="no_such_key=3"),
+    pytest.param(["model=no_such_model"], "no_such_model", id="model=no_such_model", marks=pytest.mark.slow),
+    *(pytest.param(a, n, id=f"cli:{a[-1]}", marks=pytest.mark.slow) for a, n in BAD + BAD_HF),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), CLI_BAD)
+def test_bad_input_on_the_command_line_is_one_line_and_exit_code_2(args, needle, tmp_path, cache_dir):
+    tiny = TINY if args[0].startswith(("model.", "generation.", "method.", "prompt.", "feedback.", "dataset.")) else []
+    proc = cli(*tiny, *args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -159,6 +159,7 @@ def _two_ranks(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_collectives_and_cache_on_two_processes(tmp_path):
     import socket
 
@@ -187,6 +188,7 @@ def _launch(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Compl
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+@pytest.mark.slow
 def test_ddp_cpu_without_a_launcher_says_how_to_launch(tmp_path, cache_dir):
     proc = _launch([sys.executable, "-m", "laffi_exp", *TINY, "trainer=ddp_cpu", f"paths.cache_dir={cache_dir}",
                     f"cache.dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
@@ -225,6 +227,7 @@ def runs(tmp_path_factory):
     return {"ddp": (run_dirs[0], ddp.stdout), "single": (tmp / "single", single.stdout), "again": (tmp / "again", again.stdout), "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_artifacts_of_one_process(runs):
     ddp, single = runs["ddp"][0], runs["single"][0]
     for name in ARTIFACTS:
@@ -237,6 +240,7 @@ def test_two_ranks_write_the_artifacts_of_one_process(runs):
         assert all(isinstance(metrics[f"{prefix}/{k}"], (int, float)) for k in SQUAD_KEYS)
 
 
+@pytest.mark.slow
 def test_sharded_greedy_generation_equals_one_process(runs):
     ddp, single = runs["ddp"][0], runs["single"][0]
     for name in ("base_predictions.json", "base_na_probs.json", "answers.jsonl", "val_answers.jsonl"):  # the untrained base
@@ -247,6 +251,7 @@ def test_sharded_greedy_generation_equals_one_process(runs):
         assert stages[0][label]["key"] == stages[1][label]["key"], label
 
 
+@pytest.mark.slow
 def test_every_rank_generates_its_share(runs):
     counts: dict[str, dict[int, int]] = defaultdict(dict)
     for label, rank, world, mine, total in GENERATED.findall(runs["ddp"][1]):
@@ -261,6 +266,7 @@ def test_every_rank_generates_its_share(runs):
     assert GENERATED.search(runs["single"][1]) is None  # a single process shares nothing
 
 
+@pytest.mark.slow
 def test_rank_one_writes_nothing(runs):
     ddp = runs["ddp"][0]
     logs = [p for p in ddp.rglob("*.log")]
@@ -274,6 +280,7 @@ def test_rank_one_writes_nothing(runs):
     assert len(list((stages / "adapters").glob("*/adapter/adapter_model.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_a_second_two_rank_run_takes_every_stage_from_the_cache(runs):
     (ddp, _), (again, out) = runs["ddp"], runs["again"]
     stages = json.loads((again / "manifest.json").read_text())["stages"]
@@ -305,6 +312,7 @@ def sharded(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_fsdp_trains_the_adapter_that_ddp_trains(sharded):
     import torch
     from safetensors.torch import load_file
@@ -322,6 +330,7 @@ def test_fsdp_trains_the_adapter_that_ddp_trains(sharded):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_fsdp_run_writes_the_artifacts_of_a_ddp_run(sharded):
     (fsdp, _), (ddp, _) = sharded["fsdp_cpu"], sharded["ddp_cpu"]
     for name in ARTIFACTS:

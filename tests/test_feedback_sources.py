@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from laffi_exp.annotate import SimulatedHuman, human_ids
 from laffi_exp.io import read_json, read_jsonl
 from laffi_exp.pipeline import run
@@ -21,6 +23,7 @@ from .test_llm_annotators import server  # noqa: F401  (the local chat-completio
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_export_then_a_real_human_file_plus_an_llm_annotator_trains(make_cfg, tmp_path, cache_dir, server):  # noqa: F811
     ratio = "feedback.human_ratio=0.3"
     tiny = [o for o in TINY if not o.startswith("logger=")]

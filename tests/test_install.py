@@ -22,6 +22,7 @@ def _env(**extra: str) -> dict:
     return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **extra}
 
 
+@pytest.mark.slow
 def test_a_users_config_dir_adds_an_experiment(tmp_path):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)

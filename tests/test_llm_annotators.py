@@ -330,6 +330,7 @@ print("finished")
 """
 
 
+@pytest.mark.slow
 def test_a_killed_pass_rerun_finishes_with_one_answer_per_example(server, tmp_path):
     srv = server(delay=0.05, hold_after=5)  # after 5 answers, requests hang (and are never answered)
     cache = ResponseCache(tmp_path / CACHE_FILE)
@@ -364,6 +365,7 @@ for i in range(300):
 """
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_cache_file(tmp_path):
     path = tmp_path / "shared" / "responses.sqlite"
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n)], cwd=ROOT) for n in (1, 2)]

@@ -12,7 +12,7 @@ from laffi_exp.squad_metrics import evaluate
 
 from .conftest import SQUAD_DEV, TINYLLAMA, needs
 
-pytestmark = [needs(SQUAD_DEV), needs(TINYLLAMA)]
+pytestmark = [pytest.mark.slow, needs(SQUAD_DEV), needs(TINYLLAMA)]
 
 
 @pytest.mark.parametrize("method", ["laffi", "sft"])

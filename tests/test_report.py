@@ -269,16 +269,15 @@ def test_sweep_without_sft_has_no_paired_table(tmp_path):
     assert [r["method"] for r in result.summary] == ["base"] + ["laffi"] * 6
 
 
+def test_cli_prints_the_table_and_writes_to_out(report, tmp_path, capsys, caplog):
+    assert main([str(report.sweep_dir), "--out", str(tmp_path / "out")]) == 0
+    assert "| laffi | 100% | reflect |" in (printed := capsys.readouterr().out) and "wrote:" in printed
+    assert "without metrics.json" in caplog.text  # the crashed job, as a warning
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.csv", "summary.csv", "paired.csv", "ablation.png", "results.md"}
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "laffi_exp.report", *args], capture_output=True, text=True, timeout=120)
-
-
-def test_cli_prints_the_table_and_writes_to_out(report, tmp_path):
-    proc = run_cli(str(report.sweep_dir), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stderr
-    assert "| laffi | 100% | reflect |" in proc.stdout and "wrote:" in proc.stdout
-    assert "without metrics.json" in proc.stderr  # the crashed job, as a warning
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.csv", "summary.csv", "paired.csv", "ablation.png", "results.md"}
 
 
 def test_cli_bad_dir_is_one_clear_line(tmp_path):
@@ -329,6 +328,7 @@ hydra:
 """
 
 
+@pytest.mark.slow
 def test_callback_hooked_into_a_real_hydra_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     (tmp_path / "app.py").write_text(APP)

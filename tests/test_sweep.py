@@ -38,6 +38,7 @@ def _human_ids(cell: Path) -> set[str]:
     return {r["id"] for r in read_jsonl(cell / "feedback.jsonl") if r["source"] == "human"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_tiny_and_reports(name, tmp_path, cache_dir):
     extra = ["feedback.human_ratio=0.25,1"] if name == "ablation_ratio" else []
@@ -64,6 +65,7 @@ def test_every_experiment_runs_tiny_and_reports(name, tmp_path, cache_dir):
         assert a["key"] == b["key"] and not (a["hit"] and b["hit"])
 
 
+@pytest.mark.slow
 def test_a_finished_sweep_reruns_for_free_and_a_changed_one_is_refused(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     first = _sweep("compare_methods", sweep, cache_dir)
@@ -127,6 +129,7 @@ def _build_once(root: str, marker: str) -> str:
     return (entry / "out.txt").read_text()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_cache_build_an_entry_once(tmp_path):
     marker = tmp_path / "builds.txt"
     with multiprocessing.get_context("spawn").Pool(2) as pool:
@@ -151,6 +154,7 @@ def test_a_failed_build_leaves_no_entry(tmp_path):
     assert (entry / "ok.txt").read_text() == "ok"
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_each_job_in_its_own_process(tmp_path, cache_dir):
     done = _sweep("compare_methods", tmp_path / "sweep", cache_dir, "hydra/launcher=submitit_local", "seed=0")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -162,6 +166,7 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path, cache_dir):
     assert (tmp_path / "sweep" / "results.csv").is_file()
 
 
+@pytest.mark.slow
 def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
     cmd = [sys.executable, "-m", "laffi_exp", "+experiment=ablation_ratio", "hydra/launcher=slurm",
            "hydra.launcher.partition=gpu-a100", "hydra.launcher.timeout_min=600", "hydra.launcher.gpus_per_node=4",
