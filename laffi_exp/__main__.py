@@ -26,11 +26,16 @@ def _task(cfg: DictConfig) -> float:
 
 def run_or_exit(cfg: DictConfig) -> dict:
     """``pipeline.run(cfg)``; a bad input (config, data, model files, human files) ends as one ``error:``
-    line on stderr and exit code 2, never a traceback."""
+    line on stderr and exit code 2, never a traceback. A run stopped by a signal during training (its
+    checkpoint written) ends as one ``stopped:`` line and exit code 128 + the signal's number."""
     from laffi_exp.pipeline import run
+    from laffi_exp.train import Preempted
 
     try:
         return run(cfg)
+    except Preempted as stop:  # SIGTERM/SIGUSR1/SIGUSR2 during training: the checkpoint is written
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum)
     except InstantiationException as err:  # a class in the config refused its arguments
         cause = err.__cause__
         text = str(cause) if isinstance(cause, ConfigError) else str(err).strip().splitlines()[0]

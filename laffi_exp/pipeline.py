@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +44,8 @@ from laffi_exp.feedback_report import feedback_report, flatten
 from laffi_exp.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Answer, Feedback, QAExample
-from laffi_exp.train import FSDP_SCHEME, HistoryLogger, LoRAFineTuner, PairDataModule, gather_adapter, load_adapter, prepare_fsdp
+from laffi_exp.train import (FSDP_SCHEME, HistoryLogger, LoRAFineTuner, PairDataModule, TrainingCheckpoints, gather_adapter, load_adapter,
+                             prepare_fsdp, rng_state, save_adapter, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +163,6 @@ def on_device(model, cfg: DictConfig) -> None:
             model.to(device)
         return
     model.to(device)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global random state (python, numpy, torch CPU and CUDA)."""
-    import random
-
-    import numpy as np
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _check_annotators(annotators) -> None:
@@ -329,12 +310,19 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio,
                                micro_batch_tokens=cfg.model.get("micro_batch_tokens"))
         history = HistoryLogger()
-        trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out))
+        checkpoints = training_checkpoints(cfg, s.cache.key(spec))
+        trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out),
+                              callbacks=[checkpoints] if checkpoints else None)
         sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
         if sharded:
             prepare_fsdp(trainer.strategy, module.model, trainer.precision)
         module.train()  # from_pretrained leaves the model in eval mode
-        trainer.fit(module, datamodule=datamodule)
+        resume = checkpoints.resume_from() if checkpoints else None
+        if resume:
+            log.info("Training: resuming from %s", resume)
+        with warnings.catch_warnings():  # the data position comes back through the sampler (PairDataModule)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         result = {"history": history.rows, "train": {
             "train/examples": len(datamodule.train_set),
             "train/dropped_too_long": datamodule.train_set.dropped,
@@ -351,7 +339,7 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         return result
 
     def write(folder: Path, result: dict[str, Any]) -> None:
-        s.model.save_pretrained(folder / "adapter", safe_serialization=True)
+        save_adapter(s.model, folder / "adapter")
         write_jsonl(folder / "history.jsonl", result["history"])
         write_json(folder / "train.json", result["train"])
 
@@ -359,6 +347,9 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         return {"history": list(read_jsonl(entry / "history.jsonl")), "train": read_json(entry / "train.json")}
 
     result = s.cache.get_or_compute("adapters", spec, compute, write, read, label="train")
+    done = training_checkpoints(cfg, s.cache.key(spec))
+    if done is not None and distributed.is_main():  # the adapter is in the cache (or this run needs none)
+        shutil.rmtree(done.folder, ignore_errors=True)
     if s.cache.events["train"]["hit"]:
         from peft import PeftModel
 
@@ -371,9 +362,22 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
     s.metrics.update(result["train"])
     on_device(s.model, cfg)  # Lightning leaves a trained model on the CPU
     if distributed.is_main():
-        s.model.save_pretrained(s.out / "adapter", safe_serialization=True)
+        save_adapter(s.model, s.out / "adapter")
         write_resolved_config(cfg, s.out / "adapter" / "config.yaml")
     return s.model, s.cache.key(spec)
+
+
+def training_checkpoints(cfg: DictConfig, key: str) -> TrainingCheckpoints | None:
+    """The resume points of the training run with cache key ``key`` (``cache.checkpoint_every`` steps
+    apart, under ``cache.dir/checkpoints/<key>``), or None where they are off or not supported yet."""
+    every = int(cfg.cache.get("checkpoint_every", 0) or 0)
+    if every <= 0 or not cfg.cache.enabled:
+        return None
+    one_process = distributed.world_size() == 1 and "strategy" not in cfg.trainer and cfg.trainer.get("devices", 1) in (1, "1")
+    if not one_process or cfg.method.get("group_by_length") is False:
+        log.info("Training checkpoints: written in one process with length-grouped batches only (not this run)")
+        return None
+    return TrainingCheckpoints(Path(cfg.cache.dir) / "checkpoints" / key, every)
 
 
 def unsharded(s: Setup, lora_config, adapter: dict[str, torch.Tensor]):

@@ -12,17 +12,25 @@ of a batch is padding.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import random
+import signal
+import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from laffi_exp.io import write_json
 from laffi_exp.models.head import output_head_at
 from laffi_exp.prompts import Prompter
 from laffi_exp.records import Feedback, QAExample
@@ -108,6 +116,7 @@ class LengthGroupedSampler(Sampler[int]):
         self.seed = seed
         self.group = group
         self.epoch = 0
+        self.skip = 0  # indices of the next epoch already trained on (a resumed run): not yielded again
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it at the start of every epoch
         self.epoch = epoch
@@ -123,8 +132,9 @@ class LengthGroupedSampler(Sampler[int]):
         for start in range(0, len(order), size):
             chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=gen).tolist():
-            yield from batches[b]
+        flat = [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+        skip, self.skip = self.skip, 0
+        yield from flat[skip:]
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -151,9 +161,21 @@ class PairDataModule(pl.LightningDataModule):
         if self.group_by_length:
             lengths = [len(ids) for ids, _ in self.train_set.items]
             sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)
+            sampler.skip = self.batch_size * self._batches_done_this_epoch()
+            # its own generator: making the iterator draws no number from the global random state
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate,
+                              generator=torch.Generator().manual_seed(self.seed))
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self._collate)
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch done before a checkpoint this run resumes from (0 otherwise):
+        checkpoints follow an optimizer step, so the global step counts every batch done."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        per_epoch = math.ceil(len(self.train_set) / self.batch_size)
+        return trainer.global_step * trainer.accumulate_grad_batches % per_epoch
 
     def val_dataloader(self) -> DataLoader:
         by_length = sorted(range(len(self.val_set)), key=lambda i: len(self.val_set.items[i][0]))
@@ -253,6 +275,8 @@ class LoRAFineTuner(pl.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.head_at_targets: bool | None = None if head_at_targets else False  # None: checked on the first batch
         self.micro_batch_tokens = micro_batch_tokens
+        self.strict_loading = False  # checkpoints hold the adapter alone, never the frozen base
+        self._resumed_rng: dict[str, Any] | None = None
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -285,6 +309,30 @@ class LoRAFineTuner(pl.LightningModule):
                  batch_size=batch["input_ids"].shape[0])
         return loss
 
+    # -- checkpoints (TrainingCheckpoints): the adapter, the loss history and the random state ----------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["laffi_history"] = [row for lg in self.trainer.loggers if isinstance(lg, HistoryLogger) for row in lg.rows]
+        checkpoint["laffi_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        if set(checkpoint["state_dict"]) != trainable:
+            raise RuntimeError("the training checkpoint does not hold this run's adapter weights")
+        for lg in self.trainer.loggers:
+            if isinstance(lg, HistoryLogger):
+                lg.rows = list(checkpoint.get("laffi_history", []))
+        self._resumed_rng = checkpoint.get("laffi_rng")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._resumed_rng is not None:  # the first step of a resumed run: as the interrupted run had it
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+            # Lightning counts the restored step once more when a checkpoint was not written at a batch's
+            # end; the loggers' step is the optimizer step, as in the uninterrupted run
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
         if not self.micro_batch_tokens:  # else training_step zeroed them before its first micro-batch
             optimizer.zero_grad()
@@ -316,6 +364,130 @@ class LoRAFineTuner(pl.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    """``save_pretrained`` of the adapter, with ``adapter_config.json`` the same in every process (peft
+    writes its module-name sets in hash order, which changes from one Python process to the next)."""
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+# -- Checkpoints and resume ------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """The global random state (python, numpy, torch CPU and CUDA), in types a checkpoint loads safely."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Preempted(Exception):
+    """Training stopped by a signal (SIGTERM, SIGUSR1, SIGUSR2: what SLURM sends before it preempts or
+    times a job out) after writing a checkpoint; the same command resumes it."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at training step {step}; checkpoint {path}: "
+                         "the same command resumes it")
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
+class TrainingCheckpoints(pl.Callback):
+    """Lightning checkpoints of a training run every ``every`` optimizer steps, in ``folder``: the adapter
+    weights (never the frozen base), optimizer, scheduler, loop and data position, the loss history and the
+    random state. One file, ``last.ckpt``, written to a temp file and renamed, so a kill at any moment
+    leaves the previous checkpoint whole (``last.json`` says its step). Step N's checkpoint is written as step N + 1 begins: after step
+    N's validation and logging, so that a run resumed from it repeats nothing and misses nothing.
+
+    ``resume_from`` is the checkpoint to start ``fit`` from, if one is there. The position in the data
+    comes back through ``PairDataModule`` (the global step counts the batches done) and the random state
+    through ``LoRAFineTuner``: a resumed run trains exactly as the uninterrupted one."""
+
+    def __init__(self, folder: str | Path, every: int):
+        self.folder = Path(folder)
+        self.every = every
+        self._saved_step = 0
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "last.ckpt"
+
+    def resume_from(self) -> str | None:
+        return str(self.path) if self.path.is_file() else None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run does not write its starting point again
+        self._signal = None
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():  # (Lightning restores its own at teardown)
+            for signum in STOP_SIGNALS:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on where the state is whole: as the next step begins
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._saved_step and (self._signal is not None or (self.every > 0 and step % self.every == 0)):
+            self.save(trainer)
+        if self._signal is not None:
+            self._stop(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _stop(self, trainer) -> None:
+        """After the checkpoint: the handler that was there before runs (under the slurm launcher,
+        submitit's SIGUSR2 handler requeues the job and exits); if it returns, training stops here."""
+        signum, self._signal = self._signal, None
+        previous = self._handlers.get(signum)
+        self.on_train_end(trainer, None)
+        if callable(previous):
+            previous(signum, None)
+        raise Preempted(signum, trainer.global_step, self.path)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Written as a batch begins, after Lightning counted it "ready": recorded as before that count,
+        # the state Lightning itself saves between two batches, so a resumed run validates on the same steps
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        for count in (progress["total"], progress["current"]):
+            if count["ready"] == count["completed"] + 1:
+                count["ready"] -= 1
+
+    def save(self, trainer: pl.Trainer) -> None:
+        self._saved_step = trainer.global_step
+        tmp = self.folder / f"last.ckpt.tmp{os.getpid()}"
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            write_json(self.folder / "last.json", {"step": trainer.global_step, "max_steps": trainer.max_steps})
+        trainer.strategy.barrier("laffi_checkpoint")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 # -- Fully sharded training (trainer=fsdp) -------------------------------------------------------------

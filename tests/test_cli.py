@@ -82,9 +82,9 @@ def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, make_cfg, caps
     assert f"{weights} is damaged or incomplete" in _one_error_line(capsys.readouterr().err)
 
 
-# On the command line: an error Hydra itself finds (fast), and every row above again (slow).
+# On the command line (slow): errors Hydra itself finds, and every row above again.
 CLI_BAD = [
-    pytest.param(["no_such_key=3"], "no_such_key", id="no_such_key=3"),
+    pytest.param(["no_such_key=3"], "no_such_key", id="no_such_key=3", marks=pytest.mark.slow),
     pytest.param(["model=no_such_model"], "no_such_model", id="model=no_such_model", marks=pytest.mark.slow),
     *(pytest.param(a, n, id=f"cli:{a[-1]}", marks=pytest.mark.slow) for a, n in BAD + BAD_HF),
 ]

@@ -114,6 +114,7 @@ def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
     assert not (out / "feedback.jsonl").exists()  # SFT never looks at feedback
 
 
+@pytest.mark.slow
 def test_a_run_that_builds_the_base_matches_one_that_loads_it(make_cfg, tmp_path):
     fresh = tmp_path / "fresh_cache"
     first = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false"))  # builds
