@@ -179,14 +179,14 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
     spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens,
             "batch_size": gen.batch_size, "groups": text_digest(groups) if groups else None}
 
+    def work(mine: list[int]) -> list[str]:
+        return generate(model, s.tokenizer, [prompts[i] for i in mine], max_new_tokens, gen.batch_size, desc=label,
+                        groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
+
     def compute() -> list[str]:
+        nonlocal shared
         plan, shared = batches(s.tokenizer, prompts, gen.batch_size, groups)
-        mine = distributed.my_share(plan)
-        texts = generate(model, s.tokenizer, [prompts[i] for i in mine], max_new_tokens, gen.batch_size, desc=label,
-                         groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
-        if distributed.world_size() > 1:
-            log.info("Generation %s: rank %d/%d generated %d of %d prompts", label, distributed.rank(), distributed.world_size(), len(mine), len(prompts))
-        return distributed.gather_in_order(mine, texts, len(prompts))
+        return in_chunks(s, partial_dir, plan, work, len(prompts), label)
 
     def write(folder: Path, texts: list[str]) -> None:
         write_jsonl(folder / "generations.jsonl", [{"text": t} for t in texts])
@@ -194,7 +194,54 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
     def read(entry: Path) -> list[str]:
         return [row["text"] for row in read_jsonl(entry / "generations.jsonl")]
 
-    return s.cache.get_or_compute("generations", spec, compute, write, read, label=label)
+    shared: list[int] = []
+    partial_dir = _partial_dir(s, "generations", spec)
+    texts = s.cache.get_or_compute("generations", spec, compute, write, read, label=label)
+    _drop(partial_dir)
+    return texts
+
+
+def _partial_dir(s: Setup, stage: str, spec: dict[str, Any]) -> Path | None:
+    """Where a generation stage commits its finished chunks (``cache.chunk_batches`` batches per rank
+    each) until its cache entry is written: tied to the entry's key and to the chunking."""
+    every = int(s.cfg.cache.get("chunk_batches", 0) or 0)
+    if every <= 0 or not s.cache.enabled:
+        return None
+    return Path(s.cfg.cache.dir) / "partial" / stage / f"{s.cache.key(spec)}-{every * distributed.world_size()}"
+
+
+def _drop(folder: Path | None) -> None:
+    if folder is not None and distributed.is_main():  # the stage's entry is in the cache: its chunks go
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_chunks(s: Setup, folder: Path | None, plan: list[list[int]], work, n: int, label: str) -> list[Any]:
+    """``work(indices)`` over this rank's whole batches of ``plan``, gathered in item order on every rank,
+    a chunk at a time: each chunk of ``cache.chunk_batches`` batches per rank is committed to ``folder``
+    (rank 0 writes it atomically) as it finishes, and a stage killed midway starts again at its first
+    uncommitted chunk. The batches are the plan's whatever the chunking, so the results are the same."""
+    out: list[Any] = [None] * n
+    if folder is None:
+        mine = distributed.my_share(plan)
+        return distributed.gather_in_order(mine, work(mine), n)
+    size = int(folder.name.rsplit("-", 1)[1])
+    chunks = [plan[i : i + size] for i in range(0, len(plan), size)]
+    done = distributed.on_main(lambda: sorted(int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.json")) if folder.is_dir() else [])
+    if done:
+        log.info("%s: %d of %d chunks already done (%s)", label, len(done), len(chunks), folder)
+    for c, chunk in enumerate(chunks):
+        indices = [i for batch in chunk for i in batch]
+        if c in done:
+            results = read_json(folder / f"chunk-{c:05d}.json")["results"]
+        else:
+            mine = distributed.my_share(chunk)
+            at = {i: k for k, i in enumerate(indices)}
+            results = distributed.gather_in_order([at[i] for i in mine], work(mine), len(indices))
+            if distributed.is_main():
+                write_json(folder / f"chunk-{c:05d}.json", {"indices": indices, "results": results}, indent=None)
+        for i, value in zip(indices, results):
+            out[i] = value
+    return out
 
 
 def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuations: list[str], groups: list[str] | None = None,
@@ -205,12 +252,14 @@ def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuatio
     spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs), "batch_size": batch_size,
             "groups": text_digest(groups) if groups else None}
 
+    def work(mine: list[int]) -> list[float]:
+        return sequence_logprobs(model, s.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine], batch_size,
+                                 groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
+
     def compute() -> list[float]:
+        nonlocal shared
         plan, shared = batches(s.tokenizer, prompts, batch_size, groups)  # the batches sequence_logprobs forms
-        mine = distributed.my_share(plan)
-        values = sequence_logprobs(model, s.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine], batch_size,
-                                   groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
-        return distributed.gather_in_order(mine, values, len(pairs))
+        return in_chunks(s, partial_dir, plan, work, len(pairs), label)
 
     def write(folder: Path, values: list[float]) -> None:
         write_json(folder / "logprobs.json", values, indent=None)
@@ -218,7 +267,11 @@ def likelihoods(s: Setup, model, model_key: str, prompts: list[str], continuatio
     def read(entry: Path) -> list[float]:
         return read_json(entry / "logprobs.json")
 
-    return s.cache.get_or_compute("likelihoods", spec, compute, write, read, label=label)
+    shared: list[int] = []
+    partial_dir = _partial_dir(s, "likelihoods", spec)
+    values = s.cache.get_or_compute("likelihoods", spec, compute, write, read, label=label)
+    _drop(partial_dir)
+    return values
 
 
 def _generator(s: Setup, model, model_key: str, label: str):

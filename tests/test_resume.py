@@ -174,3 +174,37 @@ def test_sigkill_at_any_moment_then_the_same_command_gives_the_same_run(share, w
     again = _finish(_start(tmp_path, cache_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     _same(_outcome(tmp_path), whole)
+
+
+def _generations(stages: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(stages)): p.read_bytes() for kind in ("generations", "likelihoods")
+            for p in sorted((stages / kind).glob("*/*")) if p.is_file()}
+
+
+def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cfg, tmp_path, monkeypatch, caplog):
+    import laffi_exp.pipeline as pipeline
+
+    small = ["generation.batch_size=4", "trainer.max_steps=2"]  # 24 training questions: 6 batches, 6 chunks
+    whole = run(make_cfg(*small, "cache.chunk_batches=0", f"cache.dir={tmp_path / 'whole'}", f"paths.output_dir={tmp_path / 'w'}"))
+    generate, calls = pipeline.generate, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed("killed in the fourth chunk of stage 1")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", dies)
+    chunked = [*small, "cache.chunk_batches=1", f"cache.dir={tmp_path / 'chunked'}", f"paths.output_dir={tmp_path / 'c'}"]
+    with pytest.raises(Killed):
+        run(make_cfg(*chunked))
+    partial = list((tmp_path / "chunked" / "partial" / "generations").glob("*/chunk-*.json"))
+    assert len(partial) == 3  # the three chunks finished before the kill
+    monkeypatch.setattr(pipeline, "generate", generate)
+    with caplog.at_level("INFO", logger="laffi_exp.pipeline"):
+        again = run(make_cfg(*chunked))
+    assert "3 of 6 chunks already done" in caplog.text
+    assert {k: v for k, v in again.items() if not k.startswith("time/")} == {k: v for k, v in whole.items() if not k.startswith("time/")}
+    # every generation and likelihood stage file, byte for byte (chunked or not, killed or not)
+    assert _generations(tmp_path / "chunked") == _generations(tmp_path / "whole")
+    assert not list((tmp_path / "chunked" / "partial").rglob("chunk-*"))
