@@ -64,6 +64,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"evaluation.protocols: unknown protocol(s) {sorted(unknown)}; expected direct and/or reflect")
     if cfg.cache.on_changed not in ("error", "rerun"):
         raise ConfigError(f"cache.on_changed: expected 'error' or 'rerun', got {cfg.cache.on_changed!r}")
+    for key in ("cache.checkpoint_every", "cache.chunk_batches"):
+        if OmegaConf.select(cfg, key) is not None:
+            _number(cfg, key, 0, float("inf"), integer=True)
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and max_steps != -1:
         _number(cfg, "trainer.max_steps", 1, float("inf"), integer=True)

@@ -69,6 +69,8 @@ def cfg_select(cfg, key):
         ("+method.optimizer.no_such_arg=1", "method.optimizer"),
         ("prompt.answer_template='Q: {question} {nope}'", "prompt.answer_template: unknown field {nope}"),
         ("prompt.feedback_template='{context} {prediction'", "prompt.feedback_template: not a format string"),
+        ("cache.checkpoint_every=-5", "cache.checkpoint_every"),
+        ("cache.chunk_batches=two", "cache.chunk_batches"),
     ],
 )
 def test_bad_values_name_the_key(make_cfg, override, needle):
