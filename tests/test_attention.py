@@ -297,6 +297,7 @@ def test_base_and_fine_tuned_differ_and_the_disabled_adapter_is_the_plain_base(f
             np.testing.assert_allclose(values, result.values[(kind, "base")], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_cli_writes_every_output(finished_run, capsys):
     assert main([str(finished_run), "--device", "cpu"]) == 0
     assert "## Feedback prompt" in capsys.readouterr().out

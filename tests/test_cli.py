@@ -21,18 +21,27 @@ def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "laffi_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_run_writes_hydra_dir_summary_and_offline_wandb_run(tmp_path, cache_dir):
+def _cli_run(tmp_path, cache_dir, *loggers: str):
     run_dir = tmp_path / "run"
-    tiny = [o for o in TINY if not o.startswith("logger=")]  # the default loggers: CSV and wandb
-    proc = cli(*tiny, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = cli(*TINY, *loggers, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "csv" / "metrics.csv").is_file()
-    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "test/exact" in metrics and "base/exact" in metrics
     assert "LaFFi run finished" in proc.stdout and str(run_dir) in proc.stdout
+    return run_dir
+
+
+def test_cli_run_writes_hydra_dir_and_summary(tmp_path, cache_dir):
+    _cli_run(tmp_path, cache_dir)  # TINY logs to CSV only
+
+
+@pytest.mark.slow
+def test_cli_run_with_the_default_loggers_writes_an_offline_wandb_run(tmp_path, cache_dir):
+    run_dir = _cli_run(tmp_path, cache_dir, "logger=default")  # CSV and wandb
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
 
 
 # Every bad input a run can meet, each ending in one `error:` line naming the key or file, exit code 2,

@@ -116,10 +116,10 @@ class ChatServer:
                         server.released.wait(30)
                         return  # dropped: never answered
                     time.sleep(server.delay)
-                    self._act(action, body)
                 finally:
-                    with server.lock:
+                    with server.lock:  # before the answer: a client sees it only once this request is counted out
                         server.in_flight -= 1
+                self._act(action, body)
 
             def _act(self, action, body):
                 if action in ("429", "500", "404"):

@@ -181,6 +181,7 @@ def _generations(stages: Path) -> dict[str, bytes]:
             for p in sorted((stages / kind).glob("*/*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cfg, tmp_path, monkeypatch, caplog):
     import laffi_exp.pipeline as pipeline
 
