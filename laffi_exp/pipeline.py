@@ -186,7 +186,11 @@ def generations(s: Setup, model, model_key: str, prompts: list[str], max_new_tok
     def compute() -> list[str]:
         nonlocal shared
         plan, shared = batches(s.tokenizer, prompts, gen.batch_size, groups)
-        return in_chunks(s, partial_dir, plan, work, len(prompts), label)
+        texts = in_chunks(s, partial_dir, plan, work, len(prompts), label)
+        if distributed.world_size() > 1:
+            log.info("Generation %s: rank %d/%d generated %d of %d prompts", label, distributed.rank(), distributed.world_size(),
+                     len(distributed.my_share(plan)), len(prompts))
+        return texts
 
     def write(folder: Path, texts: list[str]) -> None:
         write_jsonl(folder / "generations.jsonl", [{"text": t} for t in texts])
@@ -219,7 +223,9 @@ def in_chunks(s: Setup, folder: Path | None, plan: list[list[int]], work, n: int
     """``work(indices)`` over this rank's whole batches of ``plan``, gathered in item order on every rank,
     a chunk at a time: each chunk of ``cache.chunk_batches`` batches per rank is committed to ``folder``
     (rank 0 writes it atomically) as it finishes, and a stage killed midway starts again at its first
-    uncommitted chunk. The batches are the plan's whatever the chunking, so the results are the same."""
+    uncommitted chunk. The batches are the plan's whatever the chunking, so the results are the same; a
+    chunk holds a whole number of batches per rank, so each batch goes to the rank ``my_share(plan)``
+    gives it."""
     out: list[Any] = [None] * n
     if folder is None:
         mine = distributed.my_share(plan)

@@ -400,10 +400,10 @@ class Preempted(Exception):
     """Training stopped by a signal (SIGTERM, SIGUSR1, SIGUSR2: what SLURM sends before it preempts or
     times a job out) after writing a checkpoint; the same command resumes it."""
 
-    def __init__(self, signum: int, step: int, path: Path):
+    def __init__(self, signum: int, step: int, path: Path | None):
         self.signum, self.step, self.path = signum, step, path
-        super().__init__(f"stopped by {signal.Signals(signum).name} at training step {step}; checkpoint {path}: "
-                         "the same command resumes it")
+        where = f"checkpoint {path}: the same command resumes it" if path else "no checkpoint yet: the same command starts it again"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at training step {step}; {where}")
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
@@ -413,8 +413,10 @@ class TrainingCheckpoints(pl.Callback):
     """Lightning checkpoints of a training run every ``every`` optimizer steps, in ``folder``: the adapter
     weights (never the frozen base), optimizer, scheduler, loop and data position, the loss history and the
     random state. One file, ``last.ckpt``, written to a temp file and renamed, so a kill at any moment
-    leaves the previous checkpoint whole (``last.json`` says its step). Step N's checkpoint is written as step N + 1 begins: after step
-    N's validation and logging, so that a run resumed from it repeats nothing and misses nothing.
+    leaves the previous checkpoint whole (``last.json`` says its step). Step N's checkpoint is written as
+    step N + 1 begins: after step N's validation and logging, so that a run resumed from it repeats
+    nothing and misses nothing. A stop signal during training writes one at the next step and raises
+    ``Preempted``.
 
     ``resume_from`` is the checkpoint to start ``fit`` from, if one is there. The position in the data
     comes back through ``PairDataModule`` (the global step counts the batches done) and the random state
@@ -424,6 +426,8 @@ class TrainingCheckpoints(pl.Callback):
         self.folder = Path(folder)
         self.every = every
         self._saved_step = 0
+        self._signal: int | None = None
+        self._handlers: dict[int, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -451,6 +455,11 @@ class TrainingCheckpoints(pl.Callback):
             self._stop(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._signal is not None:  # it came during the last step: stop all the same (the run was asked to)
+            self._stop(trainer)
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers = {}
@@ -460,10 +469,10 @@ class TrainingCheckpoints(pl.Callback):
         submitit's SIGUSR2 handler requeues the job and exits); if it returns, training stops here."""
         signum, self._signal = self._signal, None
         previous = self._handlers.get(signum)
-        self.on_train_end(trainer, None)
+        self._restore_handlers()
         if callable(previous):
             previous(signum, None)
-        raise Preempted(signum, trainer.global_step, self.path)
+        raise Preempted(signum, trainer.global_step, self.path if self.path.is_file() else None)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # Written as a batch begins, after Lightning counted it "ready": recorded as before that count,
@@ -487,7 +496,7 @@ class TrainingCheckpoints(pl.Callback):
         trainer.strategy.barrier("laffi_checkpoint")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.on_train_end(trainer, pl_module)
+        self._restore_handlers()
 
 
 # -- Fully sharded training (trainer=fsdp) -------------------------------------------------------------
