@@ -230,7 +230,7 @@ def in_chunks(s: Setup, folder: Path | None, plan: list[list[int]], work, n: int
     if folder is None:
         mine = distributed.my_share(plan)
         return distributed.gather_in_order(mine, work(mine), n)
-    size = int(folder.name.rsplit("-", 1)[1])
+    size = int(s.cfg.cache.chunk_batches) * distributed.world_size()
     chunks = [plan[i : i + size] for i in range(0, len(plan), size)]
     done = distributed.on_main(lambda: sorted(int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.json")) if folder.is_dir() else [])
     if done:
@@ -369,7 +369,6 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio,
                                micro_batch_tokens=cfg.model.get("micro_batch_tokens"))
         history = HistoryLogger()
-        checkpoints = training_checkpoints(cfg, s.cache.key(spec))
         trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out),
                               callbacks=[checkpoints] if checkpoints else None)
         sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
@@ -405,10 +404,9 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
     def read(entry: Path) -> dict[str, Any]:
         return {"history": list(read_jsonl(entry / "history.jsonl")), "train": read_json(entry / "train.json")}
 
+    checkpoints = training_checkpoints(cfg, s.cache.key(spec))
     result = s.cache.get_or_compute("adapters", spec, compute, write, read, label="train")
-    done = training_checkpoints(cfg, s.cache.key(spec))
-    if done is not None and distributed.is_main():  # the adapter is in the cache (or this run needs none)
-        shutil.rmtree(done.folder, ignore_errors=True)
+    _drop(checkpoints.folder if checkpoints else None)  # the adapter is in the cache (or this run needs none)
     if s.cache.events["train"]["hit"]:
         from peft import PeftModel
 
