@@ -1,4 +1,4 @@
-"""Answer-stage throughput: questions/s of the pipeline's batched generation (``laffi_exp.answer.generate``:
+"""Answer-stage throughput: questions/s of the pipeline's batched generation (``laffi_exp.stages.answer.generate``:
 length-sorted batches, left padding, KV cache, the head at the last position only) against a
 per-example ``generate`` loop on the same prompts, with the same greedy decoding and stop rule, and as
 a share of the compute limit of the prompt pass (this machine's measured fp32 matrix-multiply rate ÷
@@ -25,7 +25,7 @@ def per_example(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     """The loop a first script writes: one prompt at a time, greedy, stopping at EOS or a newline."""
     import torch
 
-    from laffi_exp.answer import _newline_ids
+    from laffi_exp.models.generation import _newline_ids
 
     stop = [tokenizer.eos_token_id, *_newline_ids(tokenizer)]
     out = []
@@ -62,8 +62,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from laffi_exp.answer import generate
-    from laffi_exp.prompts import Prompter
+    from laffi_exp.models.generation import generate
+    from laffi_exp.core.prompts import Prompter
 
     base = common.load_base(args.model)
     model, tokenizer = base.model, base.tokenizer

@@ -39,9 +39,9 @@ def load_base(name: str):
 
 def squad_examples(n: int, tokenizer, prompter, max_prompt_tokens: int, seed: int = 0):
     """``n`` SQuAD 2.0 dev questions (a seeded draw), passages fitted to ``max_prompt_tokens``."""
-    from laffi_exp.data.squad import examples_from_squad, load_squad_file
+    from laffi_exp.data.squad_format import examples_from_squad, load_squad_file
     from laffi_exp.data.window import fit_contexts
-    from laffi_exp.hashing import unit_hash
+    from laffi_exp.core.hashing import unit_hash
 
     if not SQUAD_DEV.is_file():
         raise SystemExit(f"error: {SQUAD_DEV} is absent (the shared/ folder beside the project)")
@@ -54,8 +54,8 @@ def feedback_pairs(examples, prompter, seed: int = 0):
     """LaFFi training pairs: (question, passage, a candidate answer) -> the simulated human's feedback;
     half the candidates are the gold answer, half a wrong one (another question's answer on the same
     passage, or the no-answer text)."""
-    from laffi_exp.annotate import SimulatedHuman
-    from laffi_exp.train import Pair
+    from laffi_exp.feedback.simulated import SimulatedHuman
+    from laffi_exp.stages.train_data import Pair
 
     human = SimulatedHuman(seed=seed)
     spans: dict[str, list[str]] = {}

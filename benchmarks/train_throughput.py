@@ -70,7 +70,8 @@ def train_lightning(model, tokenizer, records, args):
     from peft import LoraConfig
     from torch.utils.data import DataLoader
 
-    from laffi_exp.train import LoRAFineTuner, Pair, PairDataset, collate
+    from laffi_exp.stages.train_data import Pair, PairDataset, collate
+    from laffi_exp.stages.train_module import LoRAFineTuner
 
     pairs = [Pair(r["id"], r["prompt"], r["target"]) for r in records]
     data = PairDataset(tokenizer, pairs, args.max_length, "train")
@@ -237,8 +238,8 @@ def main() -> None:
 
     import torch
 
-    from laffi_exp.prompts import Prompter
-    from laffi_exp.train import LengthGroupedSampler, encode_pair
+    from laffi_exp.core.prompts import Prompter
+    from laffi_exp.stages.train_data import LengthGroupedSampler, encode_pair
 
     impls = [i for i in args.impls.split(",") if i]
     if unknown := set(impls) - set(IMPLS):

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from laffi_exp import distributed
-from laffi_exp.config import CONF_DIR
-from laffi_exp.errors import AnnotationError, ConfigError
+from laffi_exp.core.config import CONF_DIR
+from laffi_exp.core.errors import AnnotationError, ConfigError
 
 log = logging.getLogger("laffi_exp")
 
@@ -29,7 +29,7 @@ def run_or_exit(cfg: DictConfig) -> dict:
     line on stderr and exit code 2, never a traceback. A run stopped by a signal during training (its
     checkpoint written) ends as one ``stopped:`` line and exit code 128 + the signal's number."""
     from laffi_exp.pipeline import run
-    from laffi_exp.train import Preempted
+    from laffi_exp.stages.train_checkpoints import Preempted
 
     try:
         return run(cfg)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from laffi_exp.io import atomic_write_text
-from laffi_exp.squad_metrics import golds_from_dataset, score_examples
+from laffi_exp.core.io import atomic_write_text
+from laffi_exp.scoring.squad_metrics import golds_from_dataset, score_examples
 
 # How many missing ids to name on stderr without --verbose.
 _SHOWN_MISSING = 5

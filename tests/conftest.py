@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from laffi_exp.config import CONF_DIR
+from laffi_exp.core.config import CONF_DIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SQUAD_DEV = SHARED / "data" / "squad_v2" / "dev-v2.0.json"

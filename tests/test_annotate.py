@@ -10,10 +10,13 @@ import sys
 
 import pytest
 
-from laffi_exp.annotate import RuleBasedAnnotator, SimulatedHuman, annotate, human_ids, human_ids_by_split, main, overlap_ids
-from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.annotate import main
+from laffi_exp.feedback.base import Annotator
+from laffi_exp.feedback.hybrid import annotate, human_ids, human_ids_by_split, overlap_ids
+from laffi_exp.feedback.simulated import RuleBasedAnnotator, SimulatedHuman
+from laffi_exp.data.squad_format import examples_from_squad
 from laffi_exp.data.synthetic import generate
-from laffi_exp.records import Answer
+from laffi_exp.core.records import Answer
 
 IDS = [f"q{i}" for i in range(2000)]
 
@@ -71,7 +74,7 @@ class RecordingHuman(SimulatedHuman):
         return super().annotate(ex, prediction)
 
 
-class FakeLLM:
+class FakeLLM(Annotator):
     """An annotator with the batching interface of the LLM annotators."""
 
     source, name = "synthetic", "fake_llm"
@@ -136,7 +139,7 @@ def test_overlap_is_nested_and_never_changes_the_training_feedback():
 
 
 def _fake_stage1(calls):
-    """A stand-in for laffi_exp.pipeline.stage1_answers: tiny splits and answers."""
+    """A stand-in for laffi_exp.stages.answer.stage1_answers: tiny splits and answers."""
 
     def stage1_answers(cfg):
         calls.append(cfg)
@@ -153,10 +156,10 @@ def _rows(path):
 
 
 def test_export_command_writes_the_human_share_of_train_and_validation(tmp_path, monkeypatch, capsys):
-    from laffi_exp import pipeline
+    from laffi_exp.stages import answer as answer_stage
 
     calls = []
-    monkeypatch.setattr(pipeline, "stage1_answers", _fake_stage1(calls), raising=False)
+    monkeypatch.setattr(answer_stage, "stage1_answers", _fake_stage1(calls), raising=False)
     assert main(["export", "--out", str(tmp_path / "low"), "feedback.human_ratio=0.3", "seed=7"]) == 0
     assert main(["export", "feedback.human_ratio=0.6", "--include-gold", "seed=7", "--out", str(tmp_path / "high")]) == 0
     assert [c.feedback.human_ratio for c in calls] == [0.3, 0.6] and calls[0].seed == 7
@@ -187,9 +190,9 @@ def test_export_command_writes_the_human_share_of_train_and_validation(tmp_path,
     ],
 )
 def test_export_command_bad_input_is_one_line(args, needle, tmp_path, monkeypatch, capsys):
-    from laffi_exp import pipeline
+    from laffi_exp.stages import answer as answer_stage
 
-    monkeypatch.setattr(pipeline, "stage1_answers", _fake_stage1([]), raising=False)
+    monkeypatch.setattr(answer_stage, "stage1_answers", _fake_stage1([]), raising=False)
     assert main([*args, "--out", str(tmp_path / "batch")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
@@ -197,10 +200,10 @@ def test_export_command_bad_input_is_one_line(args, needle, tmp_path, monkeypatc
 
 
 def test_export_command_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
-    from laffi_exp import pipeline
+    from laffi_exp.stages import answer as answer_stage
 
     calls = []
-    monkeypatch.setattr(pipeline, "stage1_answers", _fake_stage1(calls), raising=False)
+    monkeypatch.setattr(answer_stage, "stage1_answers", _fake_stage1(calls), raising=False)
     (tmp_path / "batch.csv").write_text("id,prediction,feedback,annotator_id\nq,Bob,Correct.,ann\n")
     before = (tmp_path / "batch.csv").read_bytes()
     assert main(["export", "--out", str(tmp_path / "batch")]) == 2

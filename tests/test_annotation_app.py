@@ -280,7 +280,7 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
 
 
 def test_export_db_check_runs_the_checks_of_the_run(store, tmp_path, monkeypatch, capsys):
-    from laffi_exp import pipeline
+    from laffi_exp.stages import answer as answer_stage
 
     from .annotation_helpers import ANSWERS, EXAMPLES
 
@@ -289,7 +289,7 @@ def test_export_db_check_runs_the_checks_of_the_run(store, tmp_path, monkeypatch
     def stage1_answers(cfg):  # the run's answers, as the stage cache would give them
         return {"train": EXAMPLES[:8], "validation": EXAMPLES[8:]}, {"train": answers[:8], "validation": answers[8:]}
 
-    monkeypatch.setattr(pipeline, "stage1_answers", stage1_answers)
+    monkeypatch.setattr(answer_stage, "stage1_answers", stage1_answers)
     store.sign_in("alice")
     store.queue("alice")
     for item_id in IDS[:5]:

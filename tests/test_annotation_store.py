@@ -13,8 +13,8 @@ import pytest
 from laffi_exp.annotation_app.batch import answer_span, read_batch
 from laffi_exp.annotation_app.export import choose, export_db
 from laffi_exp.annotation_app.store import Conflict, NotFound, Store
-from laffi_exp.errors import ConfigError
-from laffi_exp.human import human_pool
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.feedback.human import HumanFileAnnotator
 
 from .annotation_helpers import ANSWERS, EXAMPLES, IDS, PREDICTIONS, make_batch
 
@@ -212,7 +212,7 @@ def test_export_db_writes_the_human_file_the_run_reads(store, tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     # The run's reader takes it as it is, with its own checks: the exported no-answer text is no answer,
     # unannotated ids are missing, and an answer that changed since the export is stale.
-    pool = human_pool(path=str(out))
+    pool = HumanFileAnnotator(str(out))
     check = pool.check_against(EXAMPLES, ANSWERS, ["q0", "q1", "q2"])
     assert check.used == ("q0", "q1", "q2") and check.stale == check.missing == ()
     assert pool.time_report(check.used) == {"count": 3, "total": 60.0, "median": 20.0, "mean": 20.0}
@@ -272,8 +272,8 @@ def test_the_reader_refuses_seconds_that_are_not_a_time(tmp_path):
         "q5,Ann5,Correct.,\n"
     )
     with pytest.raises(ConfigError, match=r"human\.csv: seconds is not a number >= 0 on lines 3, 4"):
-        human_pool(path=str(path)).check()
+        HumanFileAnnotator(str(path)).check()
     path.write_text("id,prediction,feedback,seconds\nq1,Ann1,Correct.,12.5\nq5,Ann5,Correct.,\n")
-    pool = human_pool(path=str(path))
+    pool = HumanFileAnnotator(str(path))
     assert [r.seconds for r in pool.rows.values()] == [12.5, None]
     assert pool.time_report(["q1", "q5"])["total"] == 12.5 and pool.time_report(["q5"]) is None

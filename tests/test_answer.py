@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from laffi_exp.answer import generate, predict_answers
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import QAExample
+from laffi_exp.models.generation import generate
+from laffi_exp.stages.answer import predict_answers
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import QAExample
 
 from .test_train import tiny_llama, tokenizer  # noqa: F401  (fixture)
 
@@ -39,7 +40,7 @@ def _passages(n_passages: int = 3, per: int = 4) -> list[QAExample]:
 def test_a_shared_passage_is_read_once_and_changes_no_output(tokenizer):  # noqa: F811
     """Questions on one passage: the prefix they share is computed once per batch, and greedy outputs and
     likelihoods are those of generating every prompt alone (float64, so no rounding decides a token)."""
-    from laffi_exp.answer import sequence_logprobs
+    from laffi_exp.models.generation import sequence_logprobs
     from laffi_exp.models import shared_prefix
 
     model = tiny_llama(len(tokenizer)).double()

@@ -19,11 +19,12 @@ from omegaconf import OmegaConf
 from laffi_exp.attention import analysis as attention
 from laffi_exp.attention.__main__ import main, parse_layers
 from laffi_exp.attention.analysis import Options, analyze, collect, eager_attention, load_run
+from laffi_exp.core.config import model_source
 from laffi_exp.attention.measures import MEASURES, SCOPES, head_measures, row_measures
 from laffi_exp.attention.segments import SegmentedPrompt, gold_span, prompt_spans, render, segment_prompt
-from laffi_exp.errors import ConfigError
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import QAExample
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import QAExample
 
 from .conftest import SQUAD_DEV, TINYLLAMA, needs
 
@@ -188,7 +189,7 @@ def test_gold_span_falls_back_to_the_text_and_is_none_outside_a_shortened_contex
 
 
 def _squad_example(qid: str) -> QAExample:
-    from laffi_exp.data.squad import examples_from_squad
+    from laffi_exp.data.squad_format import examples_from_squad
 
     return next(ex for ex in examples_from_squad(json.loads(SQUAD_DEV.read_text())) if ex.id == qid)
 
@@ -241,7 +242,7 @@ def test_segments_in_tinyllamas_tokens_on_a_squad_prompt(qid, where):
 def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from laffi_exp.config import CONF_DIR
+    from laffi_exp.core.config import CONF_DIR
 
     from .conftest import TINY
 
@@ -257,7 +258,7 @@ def finished_run(tmp_path_factory, cache_dir):
     from hydra.utils import instantiate
     from peft import get_peft_model
 
-    from laffi_exp.data.squad import examples_from_squad
+    from laffi_exp.data.squad_format import examples_from_squad
 
     out = tmp_path_factory.mktemp("finished_run")
     cfg = _compose(f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "analysis.attention_num=10")
@@ -266,7 +267,7 @@ def finished_run(tmp_path_factory, cache_dir):
     (out / "eval_data.json").write_text(json.dumps(test))
     examples = examples_from_squad(test)
     (out / "predictions.json").write_text(json.dumps({ex.id: ex.context.split()[0] for ex in examples}))
-    base = instantiate(cfg.model.source).load()
+    base = instantiate(model_source(cfg)).load()
     torch.manual_seed(0)
     model = get_peft_model(base.model, instantiate(cfg.method.lora, _convert_="all"))
     prompter = Prompter()
@@ -290,7 +291,7 @@ def test_base_and_fine_tuned_differ_and_the_disabled_adapter_is_the_plain_base(f
     for kind in ("answer", "feedback"):
         base, tuned = result.values[(kind, "base")], result.values[(kind, "fine_tuned")]
         assert np.nanmax(np.abs(tuned - base)) > 1e-4, kind  # training moved the attention
-    plain = instantiate(OmegaConf.load(finished_run / "config.yaml").model.source).load().model
+    plain = instantiate(model_source(OmegaConf.load(finished_run / "config.yaml"))).load().model
     with eager_attention(plain):
         for kind in ("answer", "feedback"):
             values, _ = collect(plain, result.prompts[kind], result.layers, 8, 32, batch_size=1)
@@ -421,7 +422,7 @@ def test_a_finished_run_asked_again_gets_the_analysis_it_lacks_without_training(
 
 
 def test_the_analysis_keys_are_no_part_of_a_runs_fingerprint(make_cfg):
-    from laffi_exp import sweep
+    from laffi_exp.runs import sweep
 
     plain = sweep.run_identity(make_cfg())
     assert sweep.run_identity(make_cfg("analysis.attention=true", "analysis.attention_num=5")) == plain
@@ -458,7 +459,7 @@ def _job_config(job: Path, method: str, ratio: float, seed: int) -> None:
 
 
 def test_the_sweep_report_aggregates_the_headline_measures_over_seeds(tmp_path):
-    from laffi_exp.report import build_report
+    from laffi_exp.runs.report import build_report
 
     from .test_report import T1
 
@@ -488,7 +489,7 @@ def test_the_sweep_report_aggregates_the_headline_measures_over_seeds(tmp_path):
 
 
 def test_a_sweep_without_attention_has_no_attention_table(tmp_path):
-    from laffi_exp.report import build_report
+    from laffi_exp.runs.report import build_report
 
     job = tmp_path / "laffi_seed0"
     job.mkdir()

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from laffi_exp.config import CONF_DIR, validate
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.config import CONF_DIR, model_source, validate
+from laffi_exp.core.errors import ConfigError
 
 from .conftest import SQUAD_DEV, TINYLLAMA
 
@@ -25,7 +25,7 @@ def test_every_group_option_composes_and_instantiates(group, option, make_cfg, t
     cfg = make_cfg(choice, *extra, embedded=group != "model" or option == "embedded")
     validate(cfg)
     instantiate(cfg.dataset).sizes
-    instantiate(cfg.model.source)
+    instantiate(model_source(cfg))
     instantiate(cfg.feedback.human), instantiate(cfg.feedback.synthetic)
     lora = instantiate(cfg.method.lora, _convert_="all")
     assert lora.r > 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.data.squad_format import examples_from_squad
 from laffi_exp.data.synthetic import MAIN_QUESTIONS, POOL_QUESTIONS, SyntheticQA, generate
 
 

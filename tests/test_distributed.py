@@ -18,8 +18,8 @@ import pytest
 import torch.multiprocessing as mp
 
 from laffi_exp import distributed
-from laffi_exp.answer import batches
-from laffi_exp.cache import StageCache
+from laffi_exp.models.generation import batches
+from laffi_exp.stages.cache import StageCache
 
 from .conftest import TINY
 from .test_pipeline import SQUAD_KEYS
@@ -41,7 +41,7 @@ def _as_rank(monkeypatch, rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, batch_size", [(16, 4), (17, 4), (5, 8), (24, 1), (0, 4)])
 def test_shares_are_whole_batches_and_gather_back_in_order(monkeypatch, world, n, batch_size):
-    from laffi_exp.answer import _tokenize
+    from laffi_exp.models.generation import _tokenize
     from laffi_exp.models import shared_prefix
 
     rng = random.Random(n * 10 + world)
@@ -112,7 +112,7 @@ def test_get_or_compute_in_one_process_is_get_or_build(tmp_path):
 
 # -- the collectives on two gloo processes -------------------------------------------------------------
 def _fail(message: str) -> None:
-    from laffi_exp.errors import ConfigError
+    from laffi_exp.core.errors import ConfigError
 
     raise ConfigError(message)
 
@@ -120,7 +120,7 @@ def _fail(message: str) -> None:
 def _two_ranks(rank: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
-    from laffi_exp.errors import ConfigError
+    from laffi_exp.core.errors import ConfigError
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -344,7 +344,7 @@ def test_fsdp_run_writes_the_artifacts_of_a_ddp_run(sharded):
 
 
 def test_fsdp_refuses_4bit_before_any_work(make_cfg, tmp_path):
-    from laffi_exp.errors import ConfigError
+    from laffi_exp.core.errors import ConfigError
     from laffi_exp.pipeline import run
 
     cfg = make_cfg("trainer=fsdp", "model=hf", "model.name_or_path=org/some-7b", "model.load_in_4bit=true", embedded=False)

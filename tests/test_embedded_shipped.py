@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from laffi_exp.config import CONF_DIR
+from laffi_exp.core.config import CONF_DIR
 from laffi_exp.models.embedded import SHIPPED_DIR
 
 
@@ -52,10 +52,10 @@ def test_a_rebuild_answers_like_the_shipped_model(tmp_path):
     """Rebuilt from scratch on this machine, the base answers the default run's test questions as the
     shipped one does: bit-identical weights are expected on the same CPU type and torch build; elsewhere
     the EM of the two on the 600 test questions must agree within 3 points."""
-    from laffi_exp import evaluate
-    from laffi_exp.answer import as_predictions, predict_answers
-    from laffi_exp.data.squad import examples_from_squad
-    from laffi_exp.prompts import Prompter
+    from laffi_exp.stages import evaluate
+    from laffi_exp.stages.answer import as_predictions, predict_answers
+    from laffi_exp.data.squad_format import examples_from_squad
+    from laffi_exp.core.prompts import Prompter
 
     cfg, source = _default_source(tmp_path)
     shipped, rebuilt = source.load(), source.load(build=True)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from laffi_exp.feedback_report import cohen_kappa, feedback_report, flatten
-from laffi_exp.records import Feedback, QAExample
+from laffi_exp.feedback.report import cohen_kappa, feedback_report, numbers
+from laffi_exp.core.records import Feedback, QAExample
 
 
 def ex(i: int, *answers: str) -> QAExample:
@@ -85,8 +85,8 @@ def test_kappa_edge_cases():
     assert cohen_kappa([], []) is None
 
 
-def test_flatten_for_the_wandb_summary():
-    flat = flatten(feedback_report(EXAMPLES, FEEDBACK))
+def test_numbers_for_the_wandb_summary():
+    flat = numbers(feedback_report(EXAMPLES, FEEDBACK))
     assert flat["feedback_report/sources/human/agreement_exact"] == 0.75
     assert flat["feedback_report/annotators/bob/chars/max"] == 26  # "Wrong: there is no answer."
     assert flat["feedback_report/sources/synthetic/verdicts/unknown"] == 1
@@ -100,7 +100,7 @@ def test_feedback_on_unknown_examples_is_refused():
 
 
 def test_human_human_agreement_per_pair_and_pooled():
-    from laffi_exp.feedback_report import human_agreement
+    from laffi_exp.feedback.report import human_agreement
 
     ratings = [
         ("e1", "alice", "correct"), ("e1", "bob", "correct"), ("e1", "carol", "incorrect"),
@@ -118,7 +118,7 @@ def test_human_human_agreement_per_pair_and_pooled():
 
 
 def test_annotation_time_per_item():
-    from laffi_exp.feedback_report import annotation_time
+    from laffi_exp.feedback.report import annotation_time
 
     assert annotation_time([4.0, 10.0, 30.0, 6.0]) == {"count": 4, "total": 50.0, "median": 8.0, "mean": 12.5}
     assert annotation_time([]) == {"count": 0, "total": 0.0, "median": None, "mean": None}

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from laffi_exp.annotate import SimulatedHuman, human_ids
-from laffi_exp.io import read_json, read_jsonl
+from laffi_exp.feedback.hybrid import human_ids
+from laffi_exp.feedback.simulated import SimulatedHuman
+from laffi_exp.core.io import read_json, read_jsonl
 from laffi_exp.pipeline import run
-from laffi_exp.records import QAExample
+from laffi_exp.core.records import QAExample
 
 from .conftest import TINY
 from .test_llm_annotators import server  # noqa: F401  (the local chat-completions server fixture)
@@ -53,8 +54,8 @@ def test_export_then_a_real_human_file_plus_an_llm_annotator_trains(make_cfg, tm
 
     llm = server()
     metrics = run(make_cfg(
-        ratio, f"feedback.human.path={filled}", "annotator=openai", f"feedback.synthetic.base_url={llm.url}",
-        "feedback.synthetic.model=test-model", "feedback.synthetic.backoff_base=0.01",
+        ratio, "feedback/human=file", f"feedback.human.path={filled}", "feedback/synthetic=openai", f"feedback.synthetic.base_url={llm.url}",
+        "feedback.synthetic.model=test-model",
         f"cache.dir={tmp_path / 'stages'}",
     ))
     out = tmp_path / "run"

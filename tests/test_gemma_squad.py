@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from laffi_exp.config import CONF_DIR, validate
-from laffi_exp.io import read_json
+from laffi_exp.core.config import CONF_DIR, validate
+from laffi_exp.core.io import read_json
 
 from .conftest import SQUAD_DEV, TINYLLAMA, needs
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.errors import ConfigError
 from laffi_exp.models import gguf as gguf_models
 from laffi_exp.models.pretrained import PretrainedBase
 
@@ -108,7 +108,7 @@ def test_converted_gguf_gives_the_original_logits_and_tokens(tiny, tmp_path):
     with torch.no_grad():
         assert torch.allclose(base.model(ids).logits, model(ids).logits, atol=1e-5)
     # keyed by content: the fingerprint names the file's sha256, not where it lies
-    from laffi_exp.cache import file_digest
+    from laffi_exp.core.hashing import file_digest
 
     assert base.fingerprint["gguf_sha256"] == file_digest(folder / "tiny.gguf")
     assert Path(base.path).parent == tmp_path / "gguf" and (Path(base.path) / "conversion.json").is_file()

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from laffi_exp.annotate import RuleBasedAnnotator, annotate, human_ids
-from laffi_exp.errors import ConfigError
-from laffi_exp.human import HumanFileAnnotator, export_batch, human_pool
-from laffi_exp.records import Answer, QAExample
+from laffi_exp.feedback.hybrid import annotate, human_ids
+from laffi_exp.feedback.simulated import RuleBasedAnnotator
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.feedback.human import HumanFileAnnotator, export_batch
+from laffi_exp.core.records import Answer, QAExample
 
 RATIO, SEED = 0.5, 3
 
@@ -66,11 +67,11 @@ def human_file(request, tmp_path):
 
 
 def test_a_human_file_gives_the_human_share_its_feedback(human_file):
-    from laffi_exp.prompts import Prompter
-    from laffi_exp.train import laffi_pairs
+    from laffi_exp.core.prompts import Prompter
+    from laffi_exp.stages.train_data import laffi_pairs
 
     before = human_file.read_bytes()
-    result = annotate(EXAMPLES, ANSWERS, human_pool(path=str(human_file)), RuleBasedAnnotator(), RATIO, SEED)
+    result = annotate(EXAMPLES, ANSWERS, HumanFileAnnotator(str(human_file)), RuleBasedAnnotator(), RATIO, SEED)
     rows = {r["id"]: r for r in human_rows()}
     assert len(rows) == len(CHOSEN) > 10 and result.fallback == 0
     for f in result.feedback:
@@ -94,27 +95,26 @@ def test_a_human_file_gives_the_human_share_its_feedback(human_file):
     assert human_file.read_bytes() == before  # imported files are only read
 
 
-def test_no_path_is_the_simulated_human():
-    assert human_pool(path=None, seed=1).name == "simulated_human"
+def test_an_unknown_on_missing_is_refused():
     with pytest.raises(ConfigError, match="feedback.human.on_missing: expected one of error, synthetic"):
-        human_pool(path="any.csv", on_missing="maybe").check()
+        HumanFileAnnotator("any.csv", on_missing="maybe").check()
 
 
 def test_the_config_reads_a_file_at_check_time(tmp_path, human_file):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from laffi_exp.config import CONF_DIR
+    from laffi_exp.core.config import CONF_DIR
 
     def pool(*overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return instantiate(compose(config_name="config", overrides=list(overrides)).feedback.human)
 
     assert pool().name == "simulated_human"
-    given = pool(f"feedback.human.path={human_file}", "feedback.human.on_missing=synthetic")
+    given = pool("feedback/human=file", f"feedback.human.path={human_file}", "feedback.human.on_missing=synthetic")
     given.check()
     assert (given.on_missing, len(given.rows)) == ("synthetic", len(CHOSEN))
-    absent = pool(f"feedback.human.path={tmp_path / 'absent.csv'}")  # built without reading: no Hydra wrapping
+    absent = pool("feedback/human=file", f"feedback.human.path={tmp_path / 'absent.csv'}")  # built without reading: no Hydra wrapping
     with pytest.raises(ConfigError, match=r"feedback\.human\.path: no such file .*absent\.csv"):
         absent.check()
 
@@ -137,7 +137,7 @@ def test_bad_rows_are_refused_by_id_and_file(name, change, needles, tmp_path):
     path = tmp_path / "human.jsonl"
     write(path, rows)
     with pytest.raises(ConfigError) as err:
-        human_pool(path=str(path)).check()
+        HumanFileAnnotator(str(path)).check()
     message = str(err.value)
     assert "feedback.human.path" in message and str(path) in message
     for needle in needles:
@@ -148,23 +148,23 @@ def test_bad_rows_are_refused_by_id_and_file(name, change, needles, tmp_path):
 
 def test_file_level_problems_name_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"feedback\.human\.path: no such file .*nope\.csv"):
-        human_pool(path=str(tmp_path / "nope.csv")).check()
+        HumanFileAnnotator(str(tmp_path / "nope.csv")).check()
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"id": "q1", "prediction": "", "feedback": "Correct."}\n\n{"id": "q2", "prediction": \n')
     with pytest.raises(ConfigError, match=r"bad\.jsonl: not a JSON object on 1 line: line 3 \(Expecting value\)"):
-        human_pool(path=str(bad_json)).check()
+        HumanFileAnnotator(str(bad_json)).check()
     no_column = tmp_path / "no_column.csv"
     no_column.write_text("id,prediction,comment\nq1,Bob,Correct.\n")
     with pytest.raises(ConfigError, match=r"no_column\.csv: the header lacks the required column\(s\) feedback"):
-        human_pool(path=str(no_column)).check()
+        HumanFileAnnotator(str(no_column)).check()
     unquoted = tmp_path / "unquoted.csv"
     unquoted.write_text("id,prediction,feedback\nq1,Bob,Correct.\nq2,Bob,Wrong, it is Ann.\n")
     with pytest.raises(ConfigError, match=r"unquoted\.csv: more fields than the header on line 3"):
-        human_pool(path=str(unquoted)).check()
+        HumanFileAnnotator(str(unquoted)).check()
     other = tmp_path / "human.txt"
     other.write_text("q1 Bob Correct.\n")
     with pytest.raises(ConfigError, match=r"expected a \.jsonl or \.csv file"):
-        human_pool(path=str(other)).check()
+        HumanFileAnnotator(str(other)).check()
 
 
 def test_stale_and_missing_feedback_refuse_the_run(tmp_path):
@@ -172,7 +172,7 @@ def test_stale_and_missing_feedback_refuse_the_run(tmp_path):
     stale, gone = rows[0]["id"], [rows[1]["id"], rows[2]["id"]]
     path = tmp_path / "human.csv"
     write(path, _edit(rows, **{stale: {**rows[0], "prediction": "Someone else"}}, **{i: None for i in gone}))
-    pool = human_pool(path=str(path))
+    pool = HumanFileAnnotator(str(path))
     with pytest.raises(ConfigError) as err:
         annotate(EXAMPLES, ANSWERS, pool, RuleBasedAnnotator(), RATIO, SEED)
     message = str(err.value)
@@ -189,7 +189,7 @@ def test_on_missing_synthetic_falls_back_and_counts(tmp_path):
     path = tmp_path / "human.jsonl"
     write(path, _edit(rows, **{stale: {**rows[0], "prediction": "Someone else"}, gone: None}))
     before = path.read_bytes()
-    pool = human_pool(path=str(path), on_missing="synthetic")
+    pool = HumanFileAnnotator(str(path), on_missing="synthetic")
     check = pool.check_against(EXAMPLES, ANSWERS, CHOSEN)
     assert (check.stale, check.missing, set(check.fallback)) == ((stale,), (gone,), {stale, gone})
     result = annotate(EXAMPLES, ANSWERS, pool, RuleBasedAnnotator(), RATIO, SEED)
@@ -206,7 +206,7 @@ def test_unknown_and_unassigned_ids_are_reported_not_used(tmp_path):
     extra.append({"id": unassigned.id, "prediction": PREDICTIONS[unassigned.id], "feedback": "Correct."})
     path = tmp_path / "human.jsonl"
     write(path, human_rows() + [{"annotator_id": "", **r} for r in extra])
-    pool = human_pool(path=str(path))
+    pool = HumanFileAnnotator(str(path))
     check = pool.check_against(EXAMPLES, ANSWERS, CHOSEN)
     assert check.unknown == ("elsewhere",) and check.unassigned == (unassigned.id,)
     assert len(check.used) == len(CHOSEN) and check.fallback == ()

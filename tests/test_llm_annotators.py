@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import sqlite3
 import subprocess
@@ -18,21 +19,14 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from laffi_exp.config import CONF_DIR, validate
-from laffi_exp.errors import ConfigError
-from laffi_exp.llm_annotators import (
-    CACHE_FILE,
-    AnnotationError,
-    FewShotPrompt,
-    HFFewShotAnnotator,
-    OpenAIAnnotator,
-    Shot,
-    _Request,
-    extract_feedback,
-    select_shots,
-)
-from laffi_exp.records import QAExample
-from laffi_exp.response_cache import ResponseCache
+from laffi_exp.core.config import CONF_DIR, validate
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.records import QAExample
+from laffi_exp.core.errors import AnnotationError
+from laffi_exp.feedback.hf_fewshot import HFFewShotAnnotator
+from laffi_exp.feedback.llm import CACHE_FILE, FewShotPrompt, Request, Shot, extract_feedback, select_shots
+from laffi_exp.feedback.openai_chat import OpenAIAnnotator
+from laffi_exp.feedback.response_cache import ResponseCache
 
 from .conftest import TINYLLAMA, needs
 
@@ -71,13 +65,24 @@ def expected(ex: QAExample) -> str:
 
 class ChatServer:
     """A chat-completions server on 127.0.0.1 (ephemeral port): ``POST /v1/chat/completions`` and
-    ``GET /v1/models``. ``script`` lists what the next POSTs get, in order: "429", "500", "404", "401",
-    "hang" (answers after the client timed out), "not_json", "no_choices", "empty"; after the script,
-    success. ``delay`` slows every answer; with ``hold_after`` set, requests after that many wait
-    until ``release()`` and are then dropped unanswered."""
+    ``GET /v1/models``. ``script`` lists what the next POSTs get, in order: "429", "500", "503", "404",
+    "401", "hang" (answers after the client timed out), "not_json", "no_choices", "empty", "ok"; after
+    the script, success. An error status is sent with ``Retry-After: retry_after`` (seconds; a short
+    one keeps the client's waits short), or with the value after an "@" ("429@1"). ``delay`` slows
+    every answer; with ``hold_after`` set, requests after that many wait until ``release()`` and are
+    then dropped unanswered. ``times`` holds when each POST arrived."""
 
-    def __init__(self, script=(), delay: float = 0.0, hang_s: float = 1.5, hold_after: int | None = None):
+    def __init__(
+        self,
+        script=(),
+        delay: float = 0.0,
+        hang_s: float = 1.5,
+        hold_after: int | None = None,
+        retry_after: str = "0.01",
+    ):
         self.script = list(script)
+        self.retry_after = retry_after
+        self.times: list[float] = []
         self.delay = delay
         self.hang_s = hang_s
         self.hold_after = hold_after
@@ -105,6 +110,7 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.posts += 1
+                    server.times.append(time.monotonic())
                     server.auth.add(self.headers.get("Authorization", ""))
                     action = server.script.pop(0) if server.script else "ok"
                     held = server.hold_after is not None and server.admitted >= server.hold_after
@@ -122,8 +128,10 @@ class ChatServer:
                 self._act(action, body)
 
             def _act(self, action, body):
-                if action in ("429", "500", "404"):
-                    self._json(int(action), {"error": {"message": f"scripted {action}", "type": "test"}}, {"Retry-After": "0"})
+                action, _, wait = action.partition("@")
+                if action in ("429", "500", "503", "404"):
+                    headers = {"Retry-After": wait or server.retry_after}
+                    self._json(int(action), {"error": {"message": f"scripted {action}", "type": "test"}}, headers)
                 elif action == "401":  # a server that echoes the key it was sent
                     self._json(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}", "type": "auth"}})
                 elif action == "hang":
@@ -200,7 +208,7 @@ def server():
 
 
 def openai_annotator(url: str, cache_dir, **kwargs) -> OpenAIAnnotator:
-    options = dict(model="test-model", k=2, max_retries=7, backoff_base=0.01, backoff_max=0.05, timeout=0.5)
+    options = dict(model="test-model", k=2, max_retries=7, timeout=0.5)
     return OpenAIAnnotator(url, cache_dir=cache_dir, **{**options, **kwargs})
 
 
@@ -221,20 +229,62 @@ def test_feedback_comes_back_in_order_and_is_the_first_line(server, tmp_path):
     assert srv.posts == 12 and annotator.name == "openai:test-model" and annotator.source == "synthetic"
 
 
+def test_a_429_is_retried_after_the_wait_its_retry_after_asks_for(server, tmp_path):
+    srv = server(script=["429@1"])  # without the header the client would wait ~0.5 s
+    ex, prediction = items(1)[0]
+    assert openai_annotator(srv.url, tmp_path, max_concurrency=1).annotate(ex, prediction) == expected(ex)
+    assert srv.posts == 2 and srv.times[1] - srv.times[0] >= 0.95
+
+
 def test_transient_failures_are_retried_until_success(server, tmp_path):
-    srv = server(script=["429", "500", "hang", "not_json", "no_choices", "empty"], hang_s=1.0)
+    # hang first: a timeout has no Retry-After, so the client backs off (0.5 s for a first retry)
+    srv = server(script=["hang", "429", "500", "503", "not_json", "no_choices", "empty"], hang_s=1.0)
     annotator = openai_annotator(srv.url, tmp_path, max_concurrency=1)
     ex, prediction = items(1)[0]
+    start = time.monotonic()
     assert annotator.annotate(ex, prediction) == expected(ex)
-    assert srv.posts == 7
+    assert srv.posts == 8 and time.monotonic() - start < 4
 
 
-def test_a_persistent_failure_is_one_clear_error(server, tmp_path):
-    srv = server(script=["500"] * 10)
+@pytest.mark.parametrize(
+    ("script", "last"),
+    [
+        (["500"] * 10, "HTTP 500: scripted 500"),
+        (["429"] * 10, "HTTP 429: scripted 429"),
+        (["500", "empty", "empty", "ok"], "malformed response: empty message content"),  # one budget for both
+    ],
+)
+def test_retries_are_bounded_and_the_error_names_the_endpoint(server, tmp_path, script, last):
+    srv = server(script=script)
     annotator = openai_annotator(srv.url, tmp_path, max_retries=2, max_concurrency=1)
-    with pytest.raises(AnnotationError, match=r"openai:test-model: .*/chat/completions failed 3 times; last: HTTP 500"):
+    endpoint = re.escape(f"openai:test-model: {srv.url}/chat/completions")
+    with pytest.raises(AnnotationError, match=rf"^{endpoint} failed 3 times; last: {re.escape(last)}$"):
         annotator.annotate_many(items(1), progress=False)
     assert srv.posts == 3
+
+
+def test_timeouts_are_retried_and_bounded(server, tmp_path):
+    srv = server(script=["hang"] * 5, hang_s=1.0)
+    annotator = openai_annotator(srv.url, tmp_path, max_retries=1, timeout=0.3)
+    timed_out = r"/chat/completions failed 2 times; last: no answer within 0\.3 s \(timeout\)"
+    with pytest.raises(AnnotationError, match=timed_out):
+        annotator.annotate_many(items(1), progress=False)
+    assert srv.posts == 2
+
+
+def test_a_retry_after_beyond_what_the_client_waits_fails_at_once(server, tmp_path):
+    srv = server(script=["429@300"])
+    start = time.monotonic()
+    with pytest.raises(AnnotationError, match=r"failed once; last: HTTP 429: .*Retry-After asks for 300 s"):
+        openai_annotator(srv.url, tmp_path).annotate_many(items(1), progress=False)
+    assert srv.posts == 1 and time.monotonic() - start < 5
+
+
+def test_with_no_retries_a_failure_is_final(server, tmp_path):
+    srv = server(script=["503"])
+    with pytest.raises(AnnotationError, match=r"failed once; last: HTTP 503"):
+        openai_annotator(srv.url, tmp_path, max_retries=0).annotate_many(items(1), progress=False)
+    assert srv.posts == 1
 
 
 def test_a_client_error_is_not_retried(server, tmp_path):
@@ -286,9 +336,19 @@ def test_the_api_key_is_sent_but_never_cached_nor_logged(server, tmp_path, monke
 
 
 def test_concurrency_is_bounded(server, tmp_path):
-    srv = server(delay=0.25)
+    srv = server(delay=0.25, script=["429", "500"])  # a request being retried keeps its place
     openai_annotator(srv.url, tmp_path, max_concurrency=3).annotate_many(items(12), progress=False)
-    assert srv.max_in_flight == 3
+    assert srv.max_in_flight == 3 and srv.posts == 14
+
+
+def test_a_failure_stops_the_pass_and_keeps_what_was_done(server, tmp_path):
+    srv = server(delay=0.2, script=["ok", "ok", "404"])
+    annotator = openai_annotator(srv.url, tmp_path, max_concurrency=2)
+    start = time.monotonic()
+    with pytest.raises(AnnotationError, match="answered HTTP 404"):
+        annotator.annotate_many(items(20), progress=False)
+    assert time.monotonic() - start < 2 and srv.posts <= 5  # the others were never sent
+    assert len(annotator.cache) >= 2  # the answers that came back are kept
 
 
 def test_a_second_pass_is_served_from_the_cache(server, tmp_path):
@@ -320,10 +380,9 @@ def test_cache_keys_follow_every_input(server, tmp_path):
 
 KILLED_PASS = """
 import sys
-from laffi_exp.llm_annotators import OpenAIAnnotator
+from laffi_exp.feedback.openai_chat import OpenAIAnnotator
 from tests.test_llm_annotators import SHOTS, items
-annotator = OpenAIAnnotator(sys.argv[1], "test-model", k=2, max_concurrency=2, backoff_base=0.01, timeout=60,
-                            cache_dir=sys.argv[2])
+annotator = OpenAIAnnotator(sys.argv[1], "test-model", k=2, max_concurrency=2, timeout=60, cache_dir=sys.argv[2])
 annotator.prepare(SHOTS)
 annotator.annotate_many(items(12), progress=False)
 print("finished")
@@ -356,7 +415,7 @@ def test_a_killed_pass_rerun_finishes_with_one_answer_per_example(server, tmp_pa
 
 WRITER = """
 import sys
-from laffi_exp.response_cache import ResponseCache
+from laffi_exp.feedback.response_cache import ResponseCache
 cache = ResponseCache(sys.argv[1])
 for i in range(300):
     key = cache.key(kind="test", i=i)  # both writers store the same keys, racing
@@ -492,7 +551,7 @@ def test_hf_fewshot_fits_long_prompts_into_the_window(tiny_model_dir, tmp_path):
     fitted = {}
     for name, case in (("short", ex), ("long", long_ex)):
         prompt = annotator.prompt.render(case, "room 7", annotator.shots)
-        fitted[name] = annotator._fit(_Request("", prompt, case, "room 7"), base)
+        fitted[name] = annotator._fit(Request("", prompt, case, "room 7"), base)
         assert len(base.tokenizer(fitted[name])["input_ids"]) <= budget
     assert fitted["short"].count("Feedback:") < 4  # some shots dropped
     assert fitted["long"].count("Feedback:") == 1 and ex.answers[0] in fitted["long"]  # cut around the answer
@@ -531,7 +590,7 @@ ANNOTATOR_OVERRIDES = {
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "annotator").glob("*.yaml")))
 def test_every_annotator_config_composes_and_instantiates(name, make_cfg, cache_dir, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    cfg = make_cfg(f"annotator={name}", *ANNOTATOR_OVERRIDES[name])
+    cfg = make_cfg(f"feedback/synthetic={name}", *ANNOTATOR_OVERRIDES[name])
     validate(cfg)
     annotator = instantiate(cfg.feedback.synthetic)
     assert annotator.source == "synthetic" and annotator.name
@@ -543,10 +602,10 @@ def test_every_annotator_config_composes_and_instantiates(name, make_cfg, cache_
 
 def test_hf_fewshot_requires_a_model(make_cfg):
     with pytest.raises(ConfigError, match=r"feedback\.synthetic\.name_or_path: a value is required"):
-        validate(make_cfg("annotator=hf_fewshot"))
+        validate(make_cfg("feedback/synthetic=hf_fewshot"))
 
 
 def test_openai_base_url_defaults_to_the_openai_api(make_cfg, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    cfg = make_cfg("annotator=openai")
+    cfg = make_cfg("feedback/synthetic=openai")
     assert cfg.feedback.synthetic.base_url == "https://api.openai.com/v1" and cfg.feedback.synthetic.model == "gpt-4o-mini"

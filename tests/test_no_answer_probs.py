@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from laffi_exp.answer import predict_answers, sequence_logprobs
-from laffi_exp.evaluate import no_answer_probs, score
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import Answer, QAExample
-from laffi_exp.squad_metrics import score_examples
+from laffi_exp.models.generation import sequence_logprobs
+from laffi_exp.stages.answer import predict_answers
+from laffi_exp.stages.evaluate import no_answer_probs, score
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import Answer, QAExample
+from laffi_exp.scoring.squad_metrics import score_examples
 
 from .test_train import tiny_llama
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from laffi_exp.io import read_jsonl
+from laffi_exp.core.io import read_jsonl
 from laffi_exp.pipeline import run
-from laffi_exp.squad_metrics import evaluate
+from laffi_exp.scoring.squad_metrics import evaluate
 
 SQUAD_KEYS = ["exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"]
 
@@ -18,7 +18,7 @@ SQUAD_KEYS = ["exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_
 def laffi_run(tmp_path_factory, cache_dir):
     from hydra import compose, initialize_config_dir
 
-    from laffi_exp.config import CONF_DIR
+    from laffi_exp.core.config import CONF_DIR
 
     from .conftest import TINY
 
@@ -132,16 +132,16 @@ def test_the_adapter_does_not_depend_on_random_draws_before_training(make_cfg, t
     import numpy as np
     import torch
 
-    from laffi_exp import pipeline
+    from laffi_exp.stages import annotate as annotate_stage
 
     run(make_cfg(f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false"))
-    annotate = pipeline.annotate
+    annotate = annotate_stage.annotate
 
     def drawing(*args, **kwargs):
         torch.rand(1000), random.random(), np.random.rand()
         return annotate(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "annotate", drawing)
+    monkeypatch.setattr(annotate_stage, "annotate", drawing)
     run(make_cfg(f"paths.output_dir={tmp_path / 'b'}", "cache.enabled=false"))
     a, b = ((tmp_path / d / "adapter" / "adapter_model.safetensors").read_bytes() for d in "ab")
     assert a == b

@@ -13,10 +13,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from laffi_exp.config import CONF_DIR, validate
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.config import CONF_DIR, model_source, validate
+from laffi_exp.core.errors import ConfigError
 from laffi_exp.models import pretrained
-from laffi_exp.models.pretrained import BaseModel, PretrainedBase, wrap_chat
+from laffi_exp.models.base import BaseModel, wrap_chat
+from laffi_exp.models.pretrained import PretrainedBase
 from .conftest import TINYLLAMA, needs
 
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -263,13 +264,13 @@ def test_preset_composes_and_instantiates_without_loading(make_cfg, offline, tmp
     assert model["name"] == model["name_or_path"] and "/" in model["name_or_path"]
     assert model["dtype"] in pretrained.DTYPES and model["trust_remote_code"] is False
     assert model["load_in_4bit"] is False and model["gradient_checkpointing"] is False
-    source = instantiate(cfg.model.source)
+    source = instantiate(model_source(cfg))
     assert isinstance(source, PretrainedBase) and source.name_or_path == model["name_or_path"]
     assert source.chat_template == model["chat_template"] == ("Instruct" in model["name_or_path"])
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):  # nothing cached here: fails before any download
         source.check()
     override = make_cfg(f"model={preset}", "model.name_or_path=/models/mine", "model.dtype=float16", embedded=False)
-    assert override.model.source.name_or_path == "/models/mine" and override.model.source.dtype == "float16"
+    assert override.model.name_or_path == "/models/mine" and override.model.dtype == "float16"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -299,7 +300,7 @@ def test_hf_default_all_linear_targets_every_llama_projection(make_cfg):
 
     cfg = make_cfg("model=hf", f"model.name_or_path={TINYLLAMA}", embedded=False)
     assert cfg.model.target_modules == "all-linear"
-    base = instantiate(cfg.model.source).load()
+    base = instantiate(model_source(cfg)).load()
     assert _lora_modules(get_peft_model(base.model, instantiate(cfg.method.lora, _convert_="all"))) == LLAMA_MODULES
 
 
@@ -335,12 +336,13 @@ def test_ddp_cpu_trainer_instantiates(make_cfg, tmp_path):
 @pytest.mark.slow
 @needs(TINYLLAMA)
 def test_ddp_cpu_fits_lora_on_two_processes(make_cfg, tmp_path):
-    from laffi_exp.train import LoRAFineTuner, Pair, PairDataModule
+    from laffi_exp.stages.train_data import Pair, PairDataModule
+    from laffi_exp.stages.train_module import LoRAFineTuner
 
     # The preset expects torchrun to start the ranks (tests/test_distributed.py); here Lightning spawns
     # them, so that the trained weights come back to this process.
     cfg = make_cfg("trainer=ddp_cpu", "+trainer.strategy.start_method=spawn", "trainer.max_steps=2", "model=hf", f"model.name_or_path={TINYLLAMA}", embedded=False)
-    base = instantiate(cfg.model.source).load()
+    base = instantiate(model_source(cfg)).load()
     pairs = [Pair(str(i), f"Once upon a time {i}", " there was a cat.") for i in range(16)]
     data = PairDataModule(base.tokenizer, pairs, pairs[:4], batch_size=4, max_length=64, seed=0)
     module = LoRAFineTuner(base.model, instantiate(cfg.method.lora, _convert_="all"), instantiate(cfg.method.optimizer))

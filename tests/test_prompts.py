@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from laffi_exp.annotate import RuleBasedAnnotator, SimulatedHuman
-from laffi_exp.evaluate import reflected_answer
-from laffi_exp.prompts import Prompter, parse_feedback
-from laffi_exp.records import QAExample
+from laffi_exp.feedback.simulated import RuleBasedAnnotator, SimulatedHuman
+from laffi_exp.stages.evaluate import reflected_answer
+from laffi_exp.core.prompts import Prompter, parse_feedback
+from laffi_exp.core.records import QAExample
 
 EX = QAExample(id="a1", title="t", context="Ana Lo was born in 1901. Ana Lo married Ivo Ru.", question="Who did Ana Lo marry?", answers=("Ivo Ru",), answer_starts=(40,))
 NOANS = QAExample(id="a2", title="t", context=EX.context, question="When did Ana Lo die?", answers=())

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from laffi_exp.pipeline import run
-from laffi_exp.squad_metrics import evaluate
+from laffi_exp.scoring.squad_metrics import evaluate
 
 from .conftest import SQUAD_DEV, TINYLLAMA, needs
 

@@ -16,20 +16,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from laffi_exp.report import (
-    PAIRED_COLUMNS,
-    RESULTS_LEAD,
-    ReportCallback,
-    bootstrap_ci,
-    build_report,
-    find_job_dirs,
-    main,
-    mean_std_ci,
-    question_scores,
-    summary_columns,
-    t_quantile_975,
-)
-from laffi_exp.squad_metrics import golds_from_dataset, score_examples
+from laffi_exp.runs.jobs import find_job_dirs
+from laffi_exp.runs.paired import PAIRED_COLUMNS, question_scores
+from laffi_exp.runs.report import RESULTS_LEAD, ReportCallback, build_report, summary_columns
+from laffi_exp.report import main
+from laffi_exp.scoring.stats import bootstrap_ci, mean_std_ci, t_quantile_975
+from laffi_exp.scoring.squad_metrics import golds_from_dataset, score_examples
 
 T1 = 12.7062047361747  # t(0.975, df=1): two seeds
 
@@ -324,7 +316,7 @@ hydra:
   sweep: {dir: SWEEP, subdir: "${hydra.job.num}"}
   callbacks:
     report:
-      _target_: laffi_exp.report.ReportCallback
+      _target_: laffi_exp.runs.report.ReportCallback
 """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from laffi_exp.pipeline import run
-from laffi_exp.train import LoRAFineTuner
+from laffi_exp.stages.train_module import LoRAFineTuner
 
 # 24 training examples in batches of 4: 6 batches an epoch; validation every 2 steps; checkpoints every 3
 RESUMABLE = ["trainer.max_steps=10", "cache.checkpoint_every=3"]
@@ -183,11 +183,11 @@ def _generations(stages: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cfg, tmp_path, monkeypatch, caplog):
-    import laffi_exp.pipeline as pipeline
+    import laffi_exp.stages.setup as stage_setup
 
     small = ["generation.batch_size=4", "trainer.max_steps=2"]  # 24 training questions: 6 batches, 6 chunks
     whole = run(make_cfg(*small, "cache.chunk_batches=0", f"cache.dir={tmp_path / 'whole'}", f"paths.output_dir={tmp_path / 'w'}"))
-    generate, calls = pipeline.generate, []
+    generate, calls = stage_setup.generate, []
 
     def dies(*args, **kwargs):
         calls.append(1)
@@ -195,14 +195,14 @@ def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cf
             raise Killed("killed in the fourth chunk of stage 1")
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", dies)
+    monkeypatch.setattr(stage_setup, "generate", dies)
     chunked = [*small, "cache.chunk_batches=1", f"cache.dir={tmp_path / 'chunked'}", f"paths.output_dir={tmp_path / 'c'}"]
     with pytest.raises(Killed):
         run(make_cfg(*chunked))
     partial = list((tmp_path / "chunked" / "partial" / "generations").glob("*/chunk-*.json"))
     assert len(partial) == 3  # the three chunks finished before the kill
-    monkeypatch.setattr(pipeline, "generate", generate)
-    with caplog.at_level("INFO", logger="laffi_exp.pipeline"):
+    monkeypatch.setattr(stage_setup, "generate", generate)
+    with caplog.at_level("INFO", logger="laffi_exp.stages.cache"):
         again = run(make_cfg(*chunked))
     assert "3 of 6 chunks already done" in caplog.text
     assert {k: v for k, v in again.items() if not k.startswith("time/")} == {k: v for k, v in whole.items() if not k.startswith("time/")}

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from laffi_exp.config import validate
-from laffi_exp.data.squad import DEV_FILE, TRAIN_FILE, SquadJSON, SquadV2, examples_from_squad, load_squad_file
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.config import validate
+from laffi_exp.data.squad import DEV_FILE, TRAIN_FILE, SquadJSON, SquadV2
+from laffi_exp.data.squad_format import examples_from_squad, load_squad_file
+from laffi_exp.core.errors import ConfigError
 
 from .conftest import SQUAD_DEV, needs
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from laffi_exp.score import main
-from laffi_exp.squad_metrics import (
+from laffi_exp.scoring.squad_metrics import (
     compute_exact,
     compute_f1,
     evaluate,

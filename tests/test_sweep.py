@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from laffi_exp.cache import StageCache
-from laffi_exp.config import CONF_DIR
-from laffi_exp.io import read_json, read_jsonl
+from laffi_exp.stages.cache import StageCache
+from laffi_exp.core.config import CONF_DIR
+from laffi_exp.core.io import read_json, read_jsonl
 from laffi_exp.pipeline import run
 
 from .conftest import TINY
@@ -181,8 +181,8 @@ def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
 
 
 def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
-    from laffi_exp import sweep
-    from laffi_exp.errors import ConfigError
+    from laffi_exp.runs import sweep
+    from laffi_exp.core.errors import ConfigError
 
     data = tmp_path / "data.json"
     data.write_text('{"data": []}')
@@ -197,8 +197,8 @@ def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
 
 
 def test_a_second_job_in_the_same_folder_stops_at_once(tmp_path):
-    from laffi_exp import sweep
-    from laffi_exp.errors import ConfigError
+    from laffi_exp.runs import sweep
+    from laffi_exp.core.errors import ConfigError
 
     with sweep.claim(tmp_path / "cell"):
         with pytest.raises(ConfigError, match="another job is running in this folder"):

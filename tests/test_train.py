@@ -8,7 +8,8 @@ import torch
 from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laffi_exp.train import IGNORE_INDEX, LoRAFineTuner, Pair, PairDataModule, collate, encode_pair
+from laffi_exp.stages.train_data import IGNORE_INDEX, Pair, PairDataModule, collate, encode_pair
+from laffi_exp.stages.train_module import LoRAFineTuner
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def _tiny(arch: str, vocab: int):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_target_only_head_gives_the_full_logits_loss_and_gradients(tokenizer, arch):
-    from laffi_exp.train import head_at_targets_works, target_loss
+    from laffi_exp.stages.train_module import head_at_targets_works, target_loss
 
     model = _tiny(arch, len(tokenizer))
     peft_model = LoRAFineTuner(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
@@ -121,7 +122,7 @@ def test_target_only_head_gives_the_full_logits_loss_and_gradients(tokenizer, ar
 
 def test_target_only_head_computes_logits_at_target_positions_only(tokenizer):
     from laffi_exp.models.head import output_head_at
-    from laffi_exp.train import target_positions
+    from laffi_exp.stages.train_module import target_positions
 
     model = tiny_llama(len(tokenizer))
     batch = collate([encode_pair(tokenizer, p) for p in PAIRS[:3]], tokenizer.pad_token_id)
@@ -135,7 +136,7 @@ def test_target_only_head_computes_logits_at_target_positions_only(tokenizer):
 
 
 def test_length_grouped_batches_cover_every_example_once_with_little_padding():
-    from laffi_exp.train import LengthGroupedSampler
+    from laffi_exp.stages.train_data import LengthGroupedSampler
 
     lengths = [int(x) for x in torch.randint(10, 400, (200,), generator=torch.Generator().manual_seed(1))]
     sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
@@ -154,7 +155,7 @@ def test_length_grouped_batches_cover_every_example_once_with_little_padding():
 
 def test_micro_batches_give_the_whole_batch_gradient_in_one_optimizer_step(tokenizer, tmp_path):
     """Training with micro_batch_tokens equals training on whole batches: the same adapter after 3 steps."""
-    from laffi_exp.train import micro_batches
+    from laffi_exp.stages.train_module import micro_batches
 
     batch = collate([encode_pair(tokenizer, p) for p in PAIRS[:5]], tokenizer.pad_token_id)
     budget = int(batch["attention_mask"].sum(-1).max()) * 2

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from laffi_exp import evaluate
-from laffi_exp.answer import as_predictions
-from laffi_exp.config import CONF_DIR
-from laffi_exp.pipeline import predict, setup
+from laffi_exp.stages import evaluate
+from laffi_exp.stages.answer import as_predictions, predict_split
+from laffi_exp.core.config import CONF_DIR
+from laffi_exp.stages.setup import setup
 
 HERE = Path(__file__).resolve().parent
 BASE = [
@@ -43,7 +43,7 @@ def main() -> None:
             cfg = compose("config", overrides=[*BASE, *overrides, *sys.argv[1:], "paths.output_dir=outputs/choose_prompt"])
         started = time.time()
         s = setup(cfg)
-        answers = predict(s, "validation")
+        answers = predict_split(s, "validation")
         scores = evaluate.score(s.splits["validation"], as_predictions(answers), "val")
         rows[name] = {
             "overrides": overrides, "questions": len(answers), "seconds": round(time.time() - started, 1),

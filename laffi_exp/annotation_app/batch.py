@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.errors import ConfigError
 
 COLUMNS = ("id", "context", "question", "prediction")  # what every exported row has (and feedback, annotator_id)
 NOT_A_BATCH = "expected the .jsonl file that `python -m laffi_exp.annotate export` writes"

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from laffi_exp.annotate import _Parser  # one line and exit code 2 for a bad command line, as `export` has
+from laffi_exp.core.args import ArgumentParser  # one line and exit code 2 for a bad command line, as `export` has
 from laffi_exp.annotation_app.batch import read_batch
 from laffi_exp.annotation_app.export import CHOICES, REPORT_NAME, export_db
 from laffi_exp.annotation_app.store import Store
-from laffi_exp.errors import ConfigError
-from laffi_exp.prompts import NO_ANSWER_TEXT
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.prompts import NO_ANSWER_TEXT
 
 PROG = "python -m laffi_exp.annotate"
 
@@ -37,7 +37,7 @@ def _port(text: str) -> int:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=f"{PROG} serve", description="Annotate an exported batch in the browser (one item per screen)."
     )
     parser.add_argument("batch", type=Path, help="the .jsonl that `export` wrote")
@@ -60,7 +60,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def export_db_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=f"{PROG} export-db",
         description="Write the store's feedback as the file feedback.human.path reads, "
         "and annotation_report.json beside it.",
@@ -178,22 +178,22 @@ def check_against_run(path: Path, overrides: Sequence[str]) -> str:
     from hydra.utils import instantiate
     from omegaconf.errors import OmegaConfBaseException
 
-    from laffi_exp import pipeline
-    from laffi_exp.annotate import human_ids_by_split
-    from laffi_exp.config import CONF_DIR, validate
+    from laffi_exp.feedback.hybrid import human_ids_by_split
+    from laffi_exp.core.config import CONF_DIR, validate
+    from laffi_exp.stages.answer import stage1_answers
 
     run_dir = "paths.output_dir=outputs/${task_name}/exports/${now:%Y-%m-%d_%H-%M-%S}"  # as `export` does
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(
-                config_name="config", overrides=[run_dir, *overrides, f"feedback.human.path={path.resolve()}"]
+                config_name="config", overrides=[run_dir, *overrides, "feedback/human=file", f"feedback.human.path={path.resolve()}"]
             )
         validate(cfg)
         pool = instantiate(cfg.feedback.human)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"config: {str(err).strip().splitlines()[0]}") from None
     pool.check()
-    splits, answers = pipeline.stage1_answers(cfg)
+    splits, answers = stage1_answers(cfg)
     examples = [*splits["train"], *splits["validation"]]
     chosen = human_ids_by_split([splits["train"], splits["validation"]], cfg.feedback.human_ratio, cfg.seed)
     check = pool.check_against(examples, [*answers["train"], *answers["validation"]], chosen)

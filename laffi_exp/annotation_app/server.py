@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from laffi_exp.annotation_app.batch import answer_span, is_no_answer
 from laffi_exp.annotation_app.store import Conflict, NotFound, Store
-from laffi_exp.prompts import parse_feedback
+from laffi_exp.core.prompts import parse_feedback
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

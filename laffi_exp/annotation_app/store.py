@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from laffi_exp.annotation_app.batch import Batch, Item
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.errors import ConfigError
 
 FORMAT = "laffi_exp.annotations/1"
 STATUSES = ("open", "saved", "flagged")  # open: assigned, nothing saved; flagged: unclear, skipped for now
@@ -117,7 +117,7 @@ class Store:
         return store
 
     def _create(self, batch: Batch, per_item: int, no_answer_text: str | None) -> None:
-        from laffi_exp.prompts import NO_ANSWER_TEXT
+        from laffi_exp.core.prompts import NO_ANSWER_TEXT
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._connect()

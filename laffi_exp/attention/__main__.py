@@ -10,15 +10,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.args import ArgumentParser
+from laffi_exp.core.errors import ConfigError
 
 _LAYER = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as every laffi_exp command
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def parse_layers(items: Sequence[str]) -> tuple[int, ...]:
@@ -39,7 +34,7 @@ def parse_layers(items: Sequence[str]) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m laffi_exp.attention",
         description="Where fine-tuning moved the model's attention: base (adapter disabled) vs fine-tuned on a "
         "finished run's held-out prompts. Writes RUN_DIR/attention/. Defaults: the run's analysis.attention_* keys.",
@@ -64,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
 
-    from laffi_exp.attention.analysis import analyze_run_dir, check_run_dir, options_from_config
+    from laffi_exp.attention.analysis import check_run_dir, options_from_config
+    from laffi_exp.attention.run_dir import analyze_run_dir
 
     try:
         layers = parse_layers(args.layers) if args.layers is not None else None

@@ -10,6 +10,7 @@ attention of one batch exists at once; full maps are kept only for the example p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -25,12 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp.attention.measures import MEASURES, SCOPES, head_measures
 from laffi_exp.attention.segments import PROMPTS, SegmentedPrompt, segment_prompt
-from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.data.squad_format import examples_from_squad
 from laffi_exp.data.window import fit_contexts
-from laffi_exp.errors import ConfigError
-from laffi_exp.io import read_json
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import QAExample
+from laffi_exp.core.config import model_source
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.io import read_json
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import QAExample
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +151,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_prompter(cfg: DictConfig, base: Any) -> Prompter:
-    """The run's prompter, wrapping prompts in the chat template where the run did (as pipeline.setup)."""
+    """The run's prompter, wrapping prompts in the chat template where the run did (as stages.setup does)."""
     from hydra.utils import instantiate
 
     prompter = instantiate(cfg.prompt, no_answer_phrases=tuple(cfg.prompt.no_answer_phrases))
-    if getattr(base, "chat_template", False):
+    if base.chat_template:
         prompter = dataclasses.replace(prompter, wrap=base.format_prompt)
     return prompter
 
 
 def held_out(run_dir: Path, cfg: DictConfig, model, tokenizer, prompter: Prompter) -> list[QAExample]:
     """The run's test questions (``eval_data.json``), their passages shortened exactly as
-    ``pipeline.setup`` shortened them for evaluation."""
+    ``stages.setup`` shortened them for evaluation."""
     examples = examples_from_squad(read_json(run_dir / "eval_data.json"), source=str(run_dir / "eval_data.json"))
     gen = cfg.generation
     window = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length)
@@ -171,7 +173,7 @@ def held_out(run_dir: Path, cfg: DictConfig, model, tokenizer, prompter: Prompte
 def load_run(run_dir: Path, device: str = "auto", loaded: tuple[Any, Any, Prompter] | None = None) -> LoadedRun:
     """Read a finished run dir. ``loaded`` (peft model, tokenizer, prompter) reuses a run's own objects
     (the pipeline's, at the end of a run); otherwise the base model is loaded from the run's config
-    (``model.source``) and the adapter from ``RUN_DIR/adapter``."""
+    (``model``) and the adapter from ``RUN_DIR/adapter``."""
     from hydra.utils import instantiate
 
     check_run_dir(run_dir)
@@ -181,7 +183,7 @@ def load_run(run_dir: Path, device: str = "auto", loaded: tuple[Any, Any, Prompt
     else:
         from peft import PeftModel
 
-        base = instantiate(cfg.model.source).load()
+        base = instantiate(model_source(cfg)).load()
         tokenizer, prompter = base.tokenizer, run_prompter(cfg, base)
         model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter"))
         if not getattr(base.model, "is_loaded_in_4bit", False):  # 4-bit weights sit on their GPU already
@@ -348,7 +350,7 @@ def analyze(run: LoadedRun, options: Options) -> Analysis:
         for kind in PROMPTS:
             for name in MODELS:
                 log.info("Attention: %s prompt, %s model, %d prompts", kind, name, len(chosen))
-                with model.disable_adapter() if name == "base" else _nothing():
+                with model.disable_adapter() if name == "base" else contextlib.nullcontext():
                     values[(kind, name)], maps[(kind, name)] = collect(
                         model, prompts[kind], layers, options.window, options.far, options.batch_size, example_indices,
                         pad_id,
@@ -369,46 +371,3 @@ def analyze(run: LoadedRun, options: Options) -> Analysis:
         seconds=round(time.time() - started, 1),
     )
 
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def analyze_run_dir(run_dir: str | Path, options: Options | None = None, out_dir: str | Path | None = None,
-                    loaded: tuple[Any, Any, Prompter] | None = None) -> tuple[Analysis, list[Path]]:
-    """The whole analysis of one finished run dir; writes ``RUN_DIR/attention/`` (or ``out_dir``) and
-    returns the analysis and the files written. ``options`` default to the run's ``analysis`` keys."""
-    from laffi_exp.attention.report import write_outputs
-
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    if options is None:
-        options = options_from_config(OmegaConf.load(run_dir / "config.yaml"))
-    run = load_run(run_dir, options.device, loaded)
-    analysis = analyze(run, options)
-    files = write_outputs(analysis, Path(out_dir) if out_dir is not None else run_dir / OUT_DIR)
-    log.info("Attention analysis of %s: %d prompts in %.0f s; wrote %s", run_dir, len(analysis.ids), analysis.seconds,
-             ", ".join(p.name for p in files))
-    return analysis, files
-
-
-def is_current(run_dir: Path, options: Options) -> bool:
-    """Whether ``RUN_DIR/attention/`` already holds an analysis with these options."""
-    recorded = run_dir / OUT_DIR / "analysis.json"
-    if not (recorded.is_file() and (run_dir / OUT_DIR / "summary.csv").is_file()):
-        return False
-    return read_json(recorded).get("options") == options.recorded()
-
-
-def after_run(cfg: DictConfig, out: Path, model=None, tokenizer=None, prompter: Prompter | None = None) -> None:
-    """``analysis.attention=true``: analyse the finished run in ``out`` (with the run's own model when
-    given). A finished sweep cell run again gets the analysis it lacks; one that has it is left alone."""
-    if not OmegaConf.select(cfg, "analysis.attention", default=False):
-        return
-    options = options_from_config(cfg)
-    if model is None and is_current(out, options):
-        log.info("%s already holds its attention analysis", out / OUT_DIR)
-        return
-    loaded = (model, tokenizer, prompter) if model is not None else None
-    analyze_run_dir(out, options, loaded=loaded)

@@ -11,7 +11,7 @@ import numpy as np
 from laffi_exp.attention.analysis import MODELS, Analysis
 from laffi_exp.attention.measures import MEASURES, SCOPES
 from laffi_exp.attention.segments import PROMPTS, SegmentedPrompt
-from laffi_exp.io import atomic_savefig
+from laffi_exp.core.io import atomic_savefig
 
 PANELS = [(kind, scope) for kind in PROMPTS for scope in SCOPES]
 COLORS = {"base": "C7", "fine_tuned": "C0"}

@@ -5,7 +5,7 @@ of every job aggregated over seeds per method and human share (``sweep_rows``, `
 
 CIs in ``summary.csv``: mean ± t(0.975, n−1)·std/√n over the prompts (n: the prompts where the measure
 is defined). In ``paired.csv`` and ``summary.md`` the difference fine-tuned − base is taken per prompt
-and its 95% CI is a percentile bootstrap over prompts (``laffi_exp.report.bootstrap_ci``: 2000
+and its 95% CI is a percentile bootstrap over prompts (``laffi_exp.scoring.stats.bootstrap_ci``: 2000
 resamples, fixed seed). "mean" in the layer or head column is the mean over the analysed layers or over
 the heads of a layer, taken per prompt before the statistics.
 """
@@ -24,7 +24,6 @@ import numpy as np
 from laffi_exp.attention.analysis import MODELS, Analysis
 from laffi_exp.attention.measures import MEASURES, SCOPES
 from laffi_exp.attention.segments import PROMPTS
-from laffi_exp.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def _nanmean(x: np.ndarray, axis) -> np.ndarray:
 def t_interval(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """n, mean and 95% CI (low, high) along axis 0, NaNs left out: mean ± t(0.975, n−1)·s/√n (no
     interval for n < 2)."""
-    from laffi_exp.report import t_quantile_975
+    from laffi_exp.scoring.stats import t_quantile_975
 
     n = np.sum(~np.isnan(x), axis=0)
     mean = _nanmean(x, 0)
@@ -71,7 +70,7 @@ def overall(values: np.ndarray) -> np.ndarray:
 def paired_bootstrap(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float, float, float]:
     """n, mean a, mean b, mean a − b and its 95% CI (percentile bootstrap over prompts) on the prompts
     where both are defined."""
-    from laffi_exp.report import bootstrap_ci
+    from laffi_exp.scoring.stats import bootstrap_ci
 
     ok = ~(np.isnan(a) | np.isnan(b))
     if not ok.any():
@@ -93,7 +92,7 @@ def _blocks(values: np.ndarray, layers: Sequence[int]) -> Iterator[tuple[Any, An
     yield "mean", "mean", _nanmean(by_layer, 1)
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
     return "" if x is None or np.isnan(x) else f"{x:.6g}"
 
 
@@ -109,7 +108,7 @@ def summary_rows(analysis: Analysis) -> Iterator[list[Any]]:
                     for m, measure in enumerate(MEASURES):
                         if n[s, m]:
                             yield [kind, scope, layer, head, model, measure, int(n[s, m]),
-                                   _fmt(mean[s, m]), _fmt(low[s, m]), _fmt(high[s, m])]
+                                   fmt(mean[s, m]), fmt(low[s, m]), fmt(high[s, m])]
 
 
 def paired_rows(analysis: Analysis) -> list[dict[str, Any]]:
@@ -130,7 +129,7 @@ def paired_rows(analysis: Analysis) -> list[dict[str, Any]]:
     return rows
 
 
-def _csv(columns: Sequence[str], rows: Iterator[Sequence[Any]]) -> str:
+def csv_text(columns: Sequence[str], rows: Iterator[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -200,35 +199,6 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-# -- the files ------------------------------------------------------------------------------------
-def write_outputs(analysis: Analysis, out: Path) -> list[Path]:
-    """Every file of ``RUN_DIR/attention/``, each written atomically; returns their paths."""
-    from laffi_exp.attention import plots
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = [atomic_write_text(out / "summary.csv", _csv(SUMMARY_COLUMNS, summary_rows(analysis)))]
-    paired = paired_rows(analysis)
-    paired_cells = ([_fmt(r[c]) if isinstance(r[c], float) else r[c] for c in PAIRED_COLUMNS] for r in paired)
-    files.append(atomic_write_text(out / "paired.csv", _csv(PAIRED_COLUMNS, paired_cells)))
-    files.append(atomic_write_text(out / "summary.md", markdown(analysis, paired)))
-    files.append(write_json(out / "analysis.json", {
-        "run_dir": str(analysis.run_dir),
-        "method": analysis.method,
-        "model": analysis.model_name,
-        "options": analysis.options.recorded(),
-        "layers": analysis.layers,
-        "heads": analysis.heads,
-        "prompts": len(analysis.ids),
-        "answerable": sum(analysis.answerable),
-        "ids": analysis.ids,
-        "examples": [analysis.ids[i] for i in analysis.example_indices],
-        "attn_implementation": "eager",
-        "seconds": analysis.seconds,
-    }))
-    files += plots.write_plots(analysis, out)
-    return files
-
-
 # -- sweeps ---------------------------------------------------------------------------------------
 def read_summary(path: Path) -> dict[tuple[str, str, str, str], float]:
     """(prompt, scope, model, measure) -> mean, over layers and heads, from one job's ``summary.csv``."""
@@ -248,9 +218,9 @@ SWEEP_COLUMNS = ["method", "human_ratio", "prompt", "scope", "measure", "n", "se
 def sweep_rows(jobs: Sequence[Any], notes: list[str] | None = None) -> list[dict[str, Any]]:
     """``attention.csv``: per method, human share, prompt, scope and headline measure, over seeds: the
     base value, the fine-tuned value and fine-tuned − base (mean, 95% CI half-width, Student t over seeds;
-    a seed's several runs are averaged). ``jobs`` are ``laffi_exp.report.Job``; those without
+    a seed's several runs are averaged). ``jobs`` are ``laffi_exp.runs.report.Job``; those without
     ``attention/summary.csv`` are left out (named in ``notes`` when some jobs have one)."""
-    from laffi_exp.report import mean_std_ci
+    from laffi_exp.scoring.stats import mean_std_ci
 
     found = [(job, job.path / "attention" / "summary.csv") for job in jobs if job.metrics is not None]
     present = [(job, path) for job, path in found if path.is_file()]
@@ -296,7 +266,7 @@ def sweep_rows(jobs: Sequence[Any], notes: list[str] | None = None) -> list[dict
 
 
 def sweep_csv(rows: Sequence[dict[str, Any]]) -> str:
-    return _csv(SWEEP_COLUMNS, ([r[c] for c in SWEEP_COLUMNS] for r in rows))
+    return csv_text(SWEEP_COLUMNS, ([r[c] for c in SWEEP_COLUMNS] for r in rows))
 
 
 def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:

@@ -11,9 +11,9 @@ from typing import Mapping
 
 import numpy as np
 
-from laffi_exp.errors import ConfigError
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import QAExample
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import QAExample
 
 FIELDS = ("context", "question", "prediction")  # the template's fields; the rest of the prompt is template
 PROMPTS = ("answer", "feedback")

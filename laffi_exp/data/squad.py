@@ -1,173 +1,26 @@
-"""SQuAD-layout data (v2.0 or v1.1): reading a file into ``QAExample`` records with schema checks that
-name the file and the question id or JSON path, and the two SQuAD data sources of the pipeline:
-``SquadJSON`` (any one file) and ``SquadV2`` (the official files, downloaded when absent)."""
+"""The two SQuAD data sources of the pipeline: ``SquadJSON`` (any one file) and ``SquadV2`` (the official
+files, downloaded when absent), each split into train, validation and test by article or by file, with
+stratified subsampling. Reading and checking the files is ``data.squad_format``."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import random
-import urllib.request
-from http.client import HTTPException
 from pathlib import Path
-from typing import Iterator
 
-from laffi_exp.data import SIZE_KEYS, check_sizes
-from laffi_exp.env import env_true
-from laffi_exp.errors import ConfigError
-from laffi_exp.io import atomic_write_text
-from laffi_exp.records import QAExample
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.data.base import SIZE_KEYS, DataSource, check_sizes
+from laffi_exp.data.squad_format import answers_of, download, drop_bad_answers, load_squad_file, offline, offline_settings
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 TRAIN_FILE = "train-v2.0.json"
 DEV_FILE = "dev-v2.0.json"
-# md5 of the official releases (the values torchtext publishes; dev measured in shared/data/squad_v2).
-OFFICIAL_MD5 = {DEV_FILE: "246adae8b7002f8679c027697b0b7cf8", TRAIN_FILE: "62108c273c268d70893182d5cf8df740"}
-OFFLINE_VARIABLES = ("LAFFI_OFFLINE", "HF_HUB_OFFLINE")
 
 
-def load_squad_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found (expected a SQuAD-layout JSON file)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
-
-
-def _walk(squad: dict, source: str) -> Iterator[tuple[int, int, dict, str | None]]:
-    """Yield ``(article index, paragraph index, qa, problem)`` for every question in file order, where
-    ``problem`` says why its answers are unusable (None when they are fine). Raises ConfigError, naming
-    ``source`` and the question id or JSON path, on anything that breaks the SQuAD layout."""
-    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
-        raise ConfigError(f"{source}: expected a JSON object with a 'data' list (SQuAD layout)")
-    seen: dict[str, str] = {}
-    for a, article in enumerate(squad["data"]):
-        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise ConfigError(f"{source}: data[{a}] has no 'paragraphs' list")
-        for p, para in enumerate(article["paragraphs"]):
-            where = f"data[{a}].paragraphs[{p}]"
-            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
-                raise ConfigError(f"{source}: {where} has no 'context' string")
-            if not isinstance(para.get("qas"), list):
-                raise ConfigError(f"{source}: {where} has no 'qas' list")
-            context = para["context"]
-            for q, qa in enumerate(para["qas"]):
-                at = f"{where}.qas[{q}]"
-                qid = qa.get("id") if isinstance(qa, dict) else None
-                if not isinstance(qid, str) or not qid:
-                    raise ConfigError(f"{source}: {at}: a question has no 'id'")
-                if qid in seen:
-                    raise ConfigError(f"{source}: duplicate question id {qid!r} at {at} (first at {seen[qid]})")
-                seen[qid] = at
-                if not isinstance(qa.get("question"), str):
-                    raise ConfigError(f"{source}: question {qid!r} ({at}) has no 'question' string")
-                answers = qa.get("answers", [])
-                if not isinstance(answers, list):
-                    raise ConfigError(f"{source}: question {qid!r} ({at}): 'answers' is not a list")
-                problem = None
-                if not qa.get("is_impossible", False):
-                    for ans in answers:
-                        text = ans.get("text") if isinstance(ans, dict) else None
-                        start = ans.get("answer_start") if isinstance(ans, dict) else None
-                        if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
-                            raise ConfigError(f"{source}: question {qid!r} ({at}) has an answer without 'text'/'answer_start'")
-                        if problem is None and context[start : start + len(text)] != text:
-                            problem = f"answer_start {start} does not point at {text!r} in the context"
-                    if not answers and qa.get("is_impossible") is False:
-                        problem = "is_impossible is false but 'answers' is empty"
-                yield a, p, qa, problem
-
-
-def _answers(qa: dict) -> list[dict]:
-    """The gold answers of a question; [] when unanswerable (SQuAD 1.1: no is_impossible = answerable)."""
-    return [] if qa.get("is_impossible", False) else qa.get("answers", [])
-
-
-def examples_from_squad(squad: dict, source: str = "<data>") -> list[QAExample]:
-    """Flatten a SQuAD JSON object into examples, in file order. Raises ConfigError on schema errors:
-    missing keys, duplicate ids, or an ``answer_start`` that does not point at the answer text."""
-    examples: list[QAExample] = []
-    for a, p, qa, problem in _walk(squad, source):
-        if problem:
-            raise ConfigError(f"{source}: question {qa['id']!r}: {problem}")
-        article, answers = squad["data"][a], _answers(qa)
-        examples.append(
-            QAExample(
-                id=qa["id"],
-                title=str(article.get("title", f"article_{a}")),
-                context=article["paragraphs"][p]["context"],
-                question=qa["question"],
-                answers=tuple(ans["text"] for ans in answers),
-                answer_starts=tuple(ans["answer_start"] for ans in answers),
-            )
-        )
-    return examples
-
-
-def _drop_bad_answers(squad: dict, source: str, on_bad_answer: str) -> tuple[dict, list[str]]:
-    """Check the whole file; return it without the questions whose answers do not match their context
-    (``on_bad_answer=skip``) and the ids of those questions, or raise on the first (``error``)."""
-    bad: set[tuple[int, int, str]] = set()
-    for a, p, qa, problem in _walk(squad, source):
-        if problem and on_bad_answer == "error":
-            raise ConfigError(f"{source}: question {qa['id']!r}: {problem} (dataset.on_bad_answer=skip drops such questions)")
-        if problem:
-            bad.add((a, p, qa["id"]))
-    if not bad:
-        return squad, []
-    data = []
-    for a, article in enumerate(squad["data"]):
-        paragraphs = [
-            {**para, "qas": [qa for qa in para["qas"] if (a, p, qa["id"]) not in bad]}
-            for p, para in enumerate(article["paragraphs"])
-        ]
-        data.append({**article, "paragraphs": paragraphs})
-    return {**squad, "data": data}, [qid for _, _, qid in sorted(bad)]
-
-
-def _offline_settings() -> list[str]:
-    """The environment settings that turn downloads off, e.g. ["LAFFI_OFFLINE=1"]; [] when online."""
-    return [f"{k}={os.environ[k]}" for k in OFFLINE_VARIABLES if env_true(k)]
-
-
-def _offline() -> bool:
-    return bool(_offline_settings())
-
-
-def download(url: str, destination: Path, timeout: float) -> dict:
-    """Fetch a SQuAD JSON file from ``url`` into ``destination`` (atomically: nothing is written unless
-    every byte arrived and parsed as JSON) and return it parsed. ``timeout`` (seconds) bounds the
-    connection and every read, so a dead server fails fast. Raises OSError on any failure."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            expected = response.headers.get("Content-Length")
-            chunks = []
-            while chunk := response.read(1 << 20):
-                chunks.append(chunk)
-        body = b"".join(chunks)
-        if expected is not None and expected.isdigit() and len(body) != int(expected):
-            raise OSError(f"the connection closed after {len(body)} of {expected} bytes")
-        text = body.decode("utf-8")
-        squad = json.loads(text)
-    except (HTTPException, UnicodeDecodeError, ValueError) as err:  # ValueError: bad URL, or JSON
-        raise OSError(f"{type(err).__name__}: {err}") from err
-    official, md5 = OFFICIAL_MD5.get(destination.name), hashlib.md5(body).hexdigest()
-    if official and md5 != official:
-        log.warning("%s: differs from the official release (md5 %s, official %s)", url, md5, official)
-    atomic_write_text(destination, text)
-    return squad
-
-
-class _SquadSource:
+class _SquadSource(DataSource):
     """What the SQuAD data sources share: sizes and settings checks, reading a file (dropping and
     counting questions with bad answers), and the article-level split with stratified subsampling.
 
@@ -213,7 +66,7 @@ class _SquadSource:
     def _read(self, path: Path, squad: dict | None = None) -> dict:
         if squad is None:
             squad = load_squad_file(path)
-        squad, skipped = _drop_bad_answers(squad, str(path), self.on_bad_answer)
+        squad, skipped = drop_bad_answers(squad, str(path), self.on_bad_answer)
         if skipped:
             log.warning(
                 "%s: skipped %d question(s) whose answers do not match their context (dataset.on_bad_answer=skip), e.g. %s",
@@ -264,7 +117,7 @@ class _SquadSource:
 
 def _counted(article: dict) -> tuple[dict, tuple[int, int]]:
     """An article with its (answerable, unanswerable) question counts."""
-    flags = [not _answers(qa) for para in article["paragraphs"] for qa in para["qas"]]
+    flags = [not answers_of(qa) for para in article["paragraphs"] for qa in para["qas"]]
     return article, (flags.count(False), flags.count(True))
 
 
@@ -278,7 +131,7 @@ def _subsample(squad: dict, articles: list[dict], quota: dict[bool, int], salt: 
     qas = [qa for article in articles for para in article["paragraphs"] for qa in para["qas"]]
     keep: set[str] = set()
     for unanswerable, k in quota.items():
-        keep.update(sorted((qa["id"] for qa in qas if (not _answers(qa)) == unanswerable), key=rank)[:k])
+        keep.update(sorted((qa["id"] for qa in qas if (not answers_of(qa)) == unanswerable), key=rank)[:k])
     taken = {id(article) for article in articles}
     data, ids = [], []
     for article in squad["data"]:
@@ -373,18 +226,18 @@ class SquadV2(_SquadSource):
             raise ConfigError(f"dataset.cache_dir: {self.cache_dir!r} exists but is not a folder")
         if not self.path and not self.cache_dir:
             raise ConfigError("dataset.path / dataset.cache_dir: set at least one folder to read the SQuAD 2.0 files from")
-        if _offline():
+        if offline():
             needed = [DEV_FILE] + ([TRAIN_FILE] if self.split_by == "file" else [])
             for file in needed:
                 if self._local(file) is None:
-                    raise self._missing(file, f"downloads are off ({' and '.join(_offline_settings())})")
+                    raise self._missing(file, f"downloads are off ({' and '.join(offline_settings())})")
 
     def splits(self) -> dict[str, dict]:
         self._start()
         dev = self._read(*self._fetch(DEV_FILE))
         split_by = self.split_by
         if split_by == "auto":
-            split_by = "file" if self._local(TRAIN_FILE) is not None or not _offline() else "article"
+            split_by = "file" if self._local(TRAIN_FILE) is not None or not offline() else "article"
             if split_by == "article":
                 log.info("%s is not here and downloads are off: article-level split of %s", TRAIN_FILE, DEV_FILE)
         self.split_by_used = split_by
@@ -404,8 +257,8 @@ class SquadV2(_SquadSource):
         local = self._local(file)
         if local is not None:
             return local, None
-        if _offline():
-            raise self._missing(file, f"downloads are off ({' and '.join(_offline_settings())})")
+        if offline():
+            raise self._missing(file, f"downloads are off ({' and '.join(offline_settings())})")
         if not self.cache_dir:
             raise self._missing(file, "dataset.cache_dir is not set, so it cannot be downloaded")
         url = self.base_url.rstrip("/") + "/" + file

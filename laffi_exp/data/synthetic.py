@@ -15,7 +15,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from laffi_exp.data import check_sizes
+from laffi_exp.data.base import DataSource, check_sizes
 
 GENERATOR_VERSION = 2  # bump on any change to what generate() returns (it keys cached base models)
 
@@ -201,7 +201,7 @@ def generate(seed: int, split: str, num_questions: int) -> dict:
     return {"version": f"laffi-synthetic-v1/{split}", "data": data}
 
 
-class SyntheticQA:
+class SyntheticQA(DataSource):
     """The embedded default dataset as a pipeline data source: train, validation and test splits in
     SQuAD JSON layout, generated (not downloaded) from ``seed``."""
 

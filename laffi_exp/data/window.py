@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from laffi_exp.prompts import Prompter
-from laffi_exp.records import QAExample
+from laffi_exp.core.prompts import Prompter
+from laffi_exp.core.records import QAExample
 
 
 def fit_contexts(

@@ -3,6 +3,10 @@ pool. The package ships the build of the default config (``embedded_base/``, ~4 
 against its sha256 on load), so a first run starts at once; any other config is built once and cached.
 ``python -m laffi_exp.models.embedded`` finds it (``--build``: builds it into the cache even where the
 package ships it) and prints where it is.
+
+Building needs ``feedback_writer`` (``model.source.feedback_writer``), the annotator that writes the feedback
+texts of the warm-up corpus: a layer above this one (``laffi_exp.feedback``), so it comes from the config;
+loading a build needs none.
 """
 
 from __future__ import annotations
@@ -15,18 +19,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from filelock import FileLock
 
-from laffi_exp.annotate import SimulatedHuman
-from laffi_exp.data.squad import examples_from_squad
+from laffi_exp.data.squad_format import examples_from_squad
 from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
-from laffi_exp.errors import ConfigError
-from laffi_exp.hashing import unit_hash
-from laffi_exp.io import atomic_write_text
-from laffi_exp.models.pretrained import BaseModel
-from laffi_exp.prompts import Prompter
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.hashing import unit_hash
+from laffi_exp.core.io import atomic_write_text
+from laffi_exp.models.base import BaseModel
+from laffi_exp.core.prompts import Prompter
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class EmbeddedBase:
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         feedback_share: float = 0.75,
+        feedback_writer: Callable[[int], Any] | None = None,
     ):
         self.cache_dir = Path(cache_dir).expanduser()
         self.architecture = dict(architecture)
@@ -62,6 +67,9 @@ class EmbeddedBase:
         self.lr = lr
         self.weight_decay = weight_decay
         self.feedback_share = feedback_share
+        # seed -> annotator (``.annotate(example, candidate) -> str``), e.g. a partial SimulatedHuman. Used only
+        # to build the weights and not part of their spec: a change to the texts it writes must bump BUILD_VERSION.
+        self.feedback_writer = feedback_writer
 
     def spec(self) -> dict:
         """Exactly the inputs that determine the built weights."""
@@ -117,6 +125,7 @@ class EmbeddedBase:
         if folder is None:
             folder = self.path
             if not (self.path / "build_info.json").is_file():
+                self._check_writer()
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with FileLock(str(self.path) + ".lock"):  # parallel sweep jobs: one builds, the others wait
                     if not (self.path / "build_info.json").is_file():
@@ -129,12 +138,20 @@ class EmbeddedBase:
                          fingerprint={"embedded": self.key(), "weights_sha256": weights})  # fmt: skip
 
     # -- the one-time build -------------------------------------------------------------------
+    def _check_writer(self) -> None:
+        if not callable(self.feedback_writer):
+            raise ConfigError(
+                "model.source.feedback_writer: building the embedded base model needs a feedback writer (seed -> "
+                "annotator), e.g. {_target_: laffi_exp.feedback.simulated.SimulatedHuman, _partial_: true}"
+            )
+
     def _texts(self) -> list[str]:
         """Warm-up texts: pool questions with their gold answers. A share (``feedback_share``) instead
         carry feedback on a candidate answer, half the gold one and half a wrong one (another span of
         the passage, or "unanswerable"), so that the base knows the words and the form of feedback, as
         an instruction-tuned LLM does, though never on the main splits' questions nor on its own answers."""
-        prompter, human = Prompter(), SimulatedHuman(seed=self.seed)
+        self._check_writer()
+        prompter, human = Prompter(), self.feedback_writer(self.seed)
         pool = examples_from_squad(generate(self.seed, "pool", self.warmup_questions), source="pool")
         spans: dict[str, list[str]] = {}
         for ex in pool:
@@ -183,6 +200,7 @@ class EmbeddedBase:
     def build(self) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        self._check_writer()
         start = time.time()
         log.info("Building the embedded base model once (cached at %s)", self.path)
         texts = self._texts()
@@ -264,10 +282,16 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from laffi_exp.config import CONF_DIR
+    from laffi_exp.core.config import CONF_DIR
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = sys.argv[1:]
+    if {"-h", "--help"} & set(args):
+        print("usage: python -m laffi_exp.models.embedded [--build] [KEY=VALUE ...]\n\n"
+              "Find (or build once) the embedded base model of the config (conf/config.yaml with the Hydra\n"
+              "overrides given, e.g. model.source.warmup_steps=100) and print its folder.\n\n"
+              "  --build  build it into paths.cache_dir even where the package ships this build")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     build = "--build" in args  # into the cache, even where the package ships this build
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[a for a in args if a != "--build"])

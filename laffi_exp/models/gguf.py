@@ -15,8 +15,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from laffi_exp.errors import ConfigError
-from laffi_exp.io import atomic_write_text
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def gguf_architecture(path: Path, key: str = "model.gguf_file") -> str:
 def converted(path: Path, cache_dir: Path, key: str = "model.gguf_file") -> tuple[Path, dict]:
     """The transformers folder converted from the GGUF file ``path`` (converting it on first use), and
     the fingerprint that identifies its weights: the GGUF's sha256 and the conversion's version."""
-    from laffi_exp.cache import file_digest
+    from laffi_exp.core.hashing import file_digest
 
     architecture = gguf_architecture(path, key)
     digest = file_digest(path)

@@ -7,15 +7,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from laffi_exp.env import env_true
-from laffi_exp.errors import ConfigError
+from laffi_exp.core.env import env_true
+from laffi_exp.core.errors import ConfigError
 from laffi_exp.models import gguf
+from laffi_exp.models.base import BaseModel, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -23,40 +22,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 WEIGHTS_FROM = ("auto", "hub", "package")
 HUB_PROBE_TIMEOUT_S = 5.0  # one request; huggingface_hub's own retries take ~25 s per file when offline
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
-
-@dataclass
-class BaseModel:
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any  # transformers PreTrainedTokenizerFast
-    name: str
-    path: str
-    chat_template: bool = False  # prompts must go through format_prompt (an instruct model's chat format)
-    fingerprint: dict | None = None  # what identifies the weights, where the folder's files do not (a GGUF's sha256)
-
-    def format_prompt(self, prompt: str) -> str:
-        """The text to tokenize for ``prompt``: one user turn of the chat template when ``chat_template``."""
-        return wrap_chat(self.tokenizer, prompt) if self.chat_template else prompt
-
-
-def wrap_chat(tokenizer, prompt: str) -> str:
-    """``prompt`` as a single user message with the generation prompt of ``tokenizer``'s chat template,
-    ready to be tokenized with ``add_special_tokens=True``; unchanged if the tokenizer has no template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    # Templates that write BOS themselves would get a second one from the tokenizer.
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and _adds_bos(tokenizer):
-        text = text[len(bos) :]
-    return text
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def hub_offline() -> bool:
@@ -98,7 +63,7 @@ def _causal_lm_problem(config, trust_remote_code: bool) -> str | None:
     return None
 
 
-class PretrainedBase:
+class PretrainedBase(ModelSource):
     """Any transformers causal LM from a local folder, or a hub id.
 
     A hub id is downloaded when the hub is reachable; offline (``HF_HUB_OFFLINE=1``, or the hub not

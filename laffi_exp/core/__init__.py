@@ -1,0 +1,1 @@
+"""Core: records, prompts, hashing, files, config checks and errors: what every part uses."""

@@ -1,0 +1,1 @@
+"""Runs and sweeps: run manifests, finished-cell reuse, loggers and the sweep report."""
