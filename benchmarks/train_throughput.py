@@ -22,11 +22,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 IMPLS = ("ours", "baseline", "trl")
-LORA = dict(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA = dict(
+    task_type="CAUSAL_LM",
+    r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 
 
 # -- the worker: one implementation, one process -----------------------------------------------------
@@ -51,10 +56,18 @@ def worker(args) -> dict:
     seconds = times[-1] - times[args.warmup - 1] if args.warmup else times[-1] - times[0]
     n_tokens = sum(tokens[timed])
     return {
-        "impl": args.impl, "code": laffi_exp.__file__, "steps_timed": len(tokens[timed]), "seconds": seconds,
-        "tokens_per_s": n_tokens / seconds, "tokens": n_tokens, "target_tokens": sum(targets[timed]),
-        "peak_rss_gb": common.peak_rss_gb(), "rss_after_load_gb": rss_loaded, "losses": losses,
-        "batch_tokens": tokens, "batch_targets": targets,
+        "impl": args.impl,
+        "code": laffi_exp.__file__,
+        "steps_timed": len(tokens[timed]),
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds,
+        "tokens": n_tokens,
+        "target_tokens": sum(targets[timed]),
+        "peak_rss_gb": common.peak_rss_gb(),
+        "rss_after_load_gb": rss_loaded,
+        "losses": losses,
+        "batch_tokens": tokens,
+        "batch_targets": targets,
     }
 
 
@@ -75,13 +88,27 @@ def train_lightning(model, tokenizer, records, args):
 
     pairs = [Pair(r["id"], r["prompt"], r["target"]) for r in records]
     data = PairDataset(tokenizer, pairs, args.max_length, "train")
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    loader = DataLoader(
+        data, batch_size=args.batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)
+    )
     module = LoRAFineTuner(model, LoraConfig(**LORA), lambda p: torch.optim.AdamW(p, lr=args.lr), warmup_ratio=0.1)
     clock = StepClock()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, max_epochs=-1,
-                         gradient_clip_val=1.0, deterministic=True, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[clock], default_root_dir=tempfile.mkdtemp())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=args.steps,
+        max_epochs=-1,
+        gradient_clip_val=1.0,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+        default_root_dir=tempfile.mkdtemp(),
+    )
     module.train()
     trainer.fit(module, train_dataloaders=loader)
     return clock.times, clock.tokens, clock.targets, clock.losses
@@ -128,14 +155,36 @@ def train_trl(model, tokenizer, records, args):
 
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["target"]} for r in records])
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, max_length=args.max_length,
-        completion_only_loss=True, loss_type=args.trl_loss, train_sampling_strategy="sequential",
-        dataloader_num_workers=0, seed=0, activation_checkpointing=False, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        max_length=args.max_length,
+        completion_only_loss=True,
+        loss_type=args.trl_loss,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        seed=0,
+        activation_checkpointing=False,
+        disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=LoraConfig(**LORA),
-                         callbacks=[Clock()])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+        callbacks=[Clock()],
+    )
     collator = trainer.data_collator
 
     def counting(features):
@@ -161,8 +210,15 @@ def flops_per_step(model_config, lora_r: int, tokens: int, targets: int, seq_len
     hidden, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or hidden // heads
-    shapes = [(hidden, heads * head_dim), (hidden, kv_heads * head_dim), (hidden, kv_heads * head_dim),
-              (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    shapes = [
+        (hidden, heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (heads * head_dim, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
     linear = layers * sum(i * o for i, o in shapes)
     lora = layers * sum(lora_r * (i + o) for i, o in shapes)
     attention = layers * 12 * heads * head_dim * (seq_len + 1) / 2
@@ -174,8 +230,13 @@ def gemm_shapes(model_config, tokens: int, targets: int) -> list[tuple[int, int,
     c = model_config
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    shapes = [(c.hidden_size, heads * head_dim), (c.hidden_size, kv_heads * head_dim), (heads * head_dim, c.hidden_size),
-              (c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size)]
+    shapes = [
+        (c.hidden_size, heads * head_dim),
+        (c.hidden_size, kv_heads * head_dim),
+        (heads * head_dim, c.hidden_size),
+        (c.hidden_size, c.intermediate_size),
+        (c.intermediate_size, c.hidden_size),
+    ]
     out = []
     for i, o in shapes:
         out += [(tokens, i, o), (tokens, o, i)]
@@ -186,11 +247,35 @@ def gemm_shapes(model_config, tokens: int, targets: int) -> list[tuple[int, int,
 def run_worker(impl: str, args, records: Path) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--records", str(records), "--out", str(out),
-           "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--lr", str(args.lr), "--trl-loss", args.trl_loss, "--baseline-dir", args.baseline_dir]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--records",
+        str(records),
+        "--out",
+        str(out),
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--trl-loss",
+        args.trl_loss,
+        "--baseline-dir",
+        args.baseline_dir,
+    ]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"error: the {impl} worker failed (exit {proc.returncode})")
@@ -205,8 +290,11 @@ def baseline_checkout(ref: str) -> str:
     target = common.ROOT / "benchmarks" / ".baseline" / ref
     if not (target / "laffi_exp").is_dir():
         target.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(common.ROOT), "archive", "--format=tar", ref, "laffi_exp", "conf"],
-                                 capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(common.ROOT), "archive", "--format=tar", ref, "laffi_exp", "conf"],
+            capture_output=True,
+            check=True,
+        )
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     return str(target)
 
@@ -221,8 +309,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--order", default="grouped", choices=("grouped", "random"),
-                   help="grouped: this project's length-grouped order; random: a plain shuffle (every implementation gets the same)")
+    p.add_argument(
+        "--order",
+        default="grouped",
+        choices=("grouped", "random"),
+        help=(
+            "grouped: this project's length-grouped order; random: a plain shuffle (every implementation gets the same)"
+        ),
+    )
     p.add_argument("--repeats", type=int, default=2, help="rounds of every implementation, interleaved")
     p.add_argument("--baseline", default="b732bcc", help="the commit whose code is the baseline")
     p.add_argument("--trl-loss", default="nll")
@@ -257,18 +351,30 @@ def main() -> None:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
     used = order[: args.steps * args.batch_size]
     records = Path(tempfile.mkstemp(suffix=".jsonl")[1])
-    records.write_text("".join(json.dumps({"id": pairs[i].id, "prompt": pairs[i].prompt, "target": pairs[i].target}) + "\n" for i in used))
+    records.write_text(
+        "".join(
+            json.dumps({"id": pairs[i].id, "prompt": pairs[i].prompt, "target": pairs[i].target}) + "\n" for i in used
+        )
+    )
     del base
 
-    rate_before = common.matmul_rate(gemm_shapes(config, statistics.mean(lengths) * args.batch_size, 40 * args.batch_size))
+    rate_before = common.matmul_rate(
+        gemm_shapes(config, statistics.mean(lengths) * args.batch_size, 40 * args.batch_size)
+    )
     runs = []
     for round_ in range(args.repeats):
         for impl in impls:
             result = run_worker(impl, args, records)
             result["round"] = round_
             runs.append(result)
-            print(f"round {round_} {impl:>8}: {result['tokens_per_s']:8.1f} tokens/s, peak RSS {result['peak_rss_gb']:.2f} GB", flush=True)
-    rate_after = common.matmul_rate(gemm_shapes(config, statistics.mean(lengths) * args.batch_size, 40 * args.batch_size))
+            print(
+                f"round {round_} {impl:>8}: {result['tokens_per_s']:8.1f} tokens/s, "
+                f"peak RSS {result['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
+    rate_after = common.matmul_rate(
+        gemm_shapes(config, statistics.mean(lengths) * args.batch_size, 40 * args.batch_size)
+    )
     rate = (rate_before + rate_after) / 2
 
     summary = {}
@@ -281,24 +387,54 @@ def main() -> None:
         need = flops_per_step(config, LORA["r"], tokens, targets, mean_len)  # over all timed steps
         limit_s = need / rate
         summary[impl] = {
-            "tokens_per_s": tps, "median_tokens_per_s": statistics.median(tps),
-            "peak_rss_gb": max(r["peak_rss_gb"] for r in mine), "rss_after_load_gb": max(r["rss_after_load_gb"] for r in mine),
-            "timed_tokens": tokens, "timed_target_tokens": targets,
+            "tokens_per_s": tps,
+            "median_tokens_per_s": statistics.median(tps),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in mine),
+            "rss_after_load_gb": max(r["rss_after_load_gb"] for r in mine),
+            "timed_tokens": tokens,
+            "timed_target_tokens": targets,
             "compute_limit_tokens_per_s": tokens / limit_s,
             "share_of_compute_limit": [t / (tokens / limit_s) for t in tps],
         }
-    result = {"benchmark": "train_throughput", "model": args.model, "order": args.order, "batch_size": args.batch_size,
-              "steps": args.steps, "warmup": args.warmup, "max_length": args.max_length, "lora": LORA, "baseline": args.baseline,
-              "trl_loss": args.trl_loss, "matmul_flops_per_s": {"before": rate_before, "after": rate_after},
-              "machine": common.machine(), "summary": summary, "runs": runs}
-    out = Path(args.out) if args.out else common.ROOT / "benchmarks" / "results" / f"train_{args.model}_{args.order}.json"
+    result = {
+        "benchmark": "train_throughput",
+        "model": args.model,
+        "order": args.order,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "max_length": args.max_length,
+        "lora": LORA,
+        "baseline": args.baseline,
+        "trl_loss": args.trl_loss,
+        "matmul_flops_per_s": {"before": rate_before, "after": rate_after},
+        "machine": common.machine(),
+        "summary": summary,
+        "runs": runs,
+    }
+    out = (
+        Path(args.out) if args.out else common.ROOT / "benchmarks" / "results" / f"train_{args.model}_{args.order}.json"
+    )
     common.write_result(out, result)
-    print(f"\nmatmul rate (the model's GEMM shapes, fp32): {rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s (before / after)")
-    print(f"{'impl':>10} {'tokens/s (median)':>18} {'vs baseline':>12} {'vs trl':>8} {'of compute limit':>17} {'peak RSS GB':>12}")
+    print(
+        f"\nmatmul rate (the model's GEMM shapes, fp32): "
+        f"{rate_before / 1e9:.1f} / {rate_after / 1e9:.1f} GFLOP/s (before / after)"
+    )
+    print(
+        f"{'impl':>10} {'tokens/s (median)':>18} {'vs baseline':>12} {'vs trl':>8} "
+        f"{'of compute limit':>17} {'peak RSS GB':>12}"
+    )
     for impl, s in summary.items():
-        vs = {other: s["median_tokens_per_s"] / summary[other]["median_tokens_per_s"] for other in ("baseline", "trl") if other in summary}
-        print(f"{impl:>10} {s['median_tokens_per_s']:>18.1f} {vs.get('baseline', float('nan')):>11.2f}x {vs.get('trl', float('nan')):>7.2f}x "
-              f"{statistics.median(s['share_of_compute_limit']):>16.0%} {s['peak_rss_gb']:>12.2f}")
+        vs = {
+            other: s["median_tokens_per_s"] / summary[other]["median_tokens_per_s"]
+            for other in ("baseline", "trl")
+            if other in summary
+        }
+        print(
+            f"{impl:>10} {s['median_tokens_per_s']:>18.1f} "
+            f"{vs.get('baseline', float('nan')):>11.2f}x {vs.get('trl', float('nan')):>7.2f}x "
+            f"{statistics.median(s['share_of_compute_limit']):>16.0%} {s['peak_rss_gb']:>12.2f}"
+        )
     print(f"written: {out}")
 
 

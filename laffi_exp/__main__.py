@@ -35,18 +35,18 @@ def run_or_exit(cfg: DictConfig) -> dict:
         return run(cfg)
     except Preempted as stop:  # SIGTERM/SIGUSR1/SIGUSR2 during training: the checkpoint is written
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.signum)
+        raise SystemExit(128 + stop.signum) from None
     except InstantiationException as err:  # a class in the config refused its arguments
         cause = err.__cause__
         text = str(cause) if isinstance(cause, ConfigError) else str(err).strip().splitlines()[0]
         print(f"error: {text}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except (ConfigError, AnnotationError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except OmegaConfBaseException as err:  # e.g. an interpolation to a value that was never set
         print(f"error: config: {str(err).strip().splitlines()[0]}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
@@ -67,7 +67,11 @@ def join_launched_ranks() -> None:
         return
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         if distributed.is_main():
-            print("error: a sweep (-m) is not run under torchrun/srun: launch one distributed run per cell", file=sys.stderr, flush=True)
+            print(
+                "error: a sweep (-m) is not run under torchrun/srun: launch one distributed run per cell",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(2)
     os.environ[distributed.RUN_TIME_ENV] = distributed.from_main(time.strftime(distributed.RUN_TIME_FORMAT))
     if not distributed.is_main():

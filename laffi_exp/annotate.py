@@ -11,8 +11,8 @@ Fill in ``feedback`` in the exported JSONL or CSV, then run with ``feedback/huma
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -34,13 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "feedback/human=file feedback.human.path=FILE.",
     )
     parser.add_argument(
-        "command", choices=["export", "serve", "export-db"],
+        "command",
+        choices=["export", "serve", "export-db"],
         help="export: write the run's answers to annotate; serve BATCH: annotate them in the browser; "
         "export-db: the browser's annotations as a human feedback file (see `COMMAND --help`)",
     )
     parser.add_argument("--out", default="human_feedback", help="output prefix: writes PREFIX.jsonl and PREFIX.csv")
-    parser.add_argument("--ids", type=Path, help="a file of example ids, one per line (default: those the ratio gives to humans)")
-    parser.add_argument("--include-gold", action="store_true", help="add a `gold` column (off: annotators judge unprompted)")
+    parser.add_argument(
+        "--ids", type=Path, help="a file of example ids, one per line (default: those the ratio gives to humans)"
+    )
+    parser.add_argument(
+        "--include-gold", action="store_true", help="add a `gold` column (off: annotators judge unprompted)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run, e.g. feedback.human_ratio=0.3")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -60,11 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: config: {str(err).strip().splitlines()[0]}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {count} answers to annotate: {jsonl_path} and {csv_path}")
-    print("fill in `feedback` (and `annotator_id`) in either, then run with feedback/human=file feedback.human.path=<that file>")
+    print(
+        "fill in `feedback` (and `annotator_id`) in either, "
+        "then run with feedback/human=file feedback.human.path=<that file>"
+    )
     return 0
 
 
-def export(overrides: Sequence[str], out: str, ids_file: Path | None, include_gold: bool, force: bool) -> tuple[Path, Path, int]:
+def export(
+    overrides: Sequence[str], out: str, ids_file: Path | None, include_gold: bool, force: bool
+) -> tuple[Path, Path, int]:
     """Compose the run's config, predict its stage-1 answers and export the chosen examples."""
     from laffi_exp.feedback.human import batch_paths, export_batch
     from laffi_exp.stages.answer import stage1_answers  # heavy (torch): not for --help or a bad command line
@@ -88,7 +98,10 @@ def export(overrides: Sequence[str], out: str, ids_file: Path | None, include_go
     if ids_file is None:
         ids = sorted(human_ids_by_split([splits["train"], splits["validation"]], cfg.feedback.human_ratio, cfg.seed))
         if not ids:
-            raise ConfigError(f"feedback.human_ratio={cfg.feedback.human_ratio} gives no example to humans: raise it or pass --ids FILE")
+            raise ConfigError(
+                f"feedback.human_ratio={cfg.feedback.human_ratio} gives no example to humans: "
+                "raise it or pass --ids FILE"
+            )
     jsonl_path, csv_path = export_batch(
         examples,
         [*answers["train"], *answers["validation"]],

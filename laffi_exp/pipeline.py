@@ -34,7 +34,7 @@ from laffi_exp.core.io import write_json
 from laffi_exp.distributed.launch import join_ranks
 from laffi_exp.runs import loggers as run_loggers
 from laffi_exp.runs import sweep
-from laffi_exp.stages import answer, annotate, evaluate, train
+from laffi_exp.stages import annotate, answer, evaluate, train
 from laffi_exp.stages.annotate import Annotated
 from laffi_exp.stages.setup import setup
 
@@ -68,13 +68,19 @@ def _run(cfg: DictConfig, out: Path, started: float) -> dict[str, Any]:
             annotated = distributed.on_main(annotate.annotate, s, answers)  # 2. feedback on them
         trained = train.fine_tune(s, annotated.feedback, loggers)  # 3. LoRA
         evaluated = evaluate.evaluate(s, trained)  # 4. held-out SQuAD 2.0 scores
-        metrics = {**s.metrics, **annotated.metrics, **trained.metrics, **evaluated.metrics,
-                   "time/seconds": round(time.time() - started, 1)}
+        metrics = {
+            **s.metrics,
+            **annotated.metrics,
+            **trained.metrics,
+            **evaluated.metrics,
+            "time/seconds": round(time.time() - started, 1),
+        }
         metrics = distributed.from_main(metrics)  # rank 0's: it alone annotated
         if main:
             write_json(out / "metrics.json", metrics)
-            run_loggers.log_results(loggers, metrics, annotated.summary, s.splits["test"], evaluated,
-                                    cfg.evaluation.num_samples_logged)
+            run_loggers.log_results(
+                loggers, metrics, annotated.summary, s.splits["test"], evaluated, cfg.evaluation.num_samples_logged
+            )
     except BaseException:
         if main:
             run_loggers.finish_loggers(loggers, failed=True)

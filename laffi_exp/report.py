@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.runs.report import build_report

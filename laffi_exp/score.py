@@ -1,7 +1,7 @@
 """Command line SQuAD 2.0 scorer: same arguments and output as the official evaluate-v2.0.py.
 
-    python -m laffi_exp.score DATA.json PREDS.json [--na-prob-file NA.json] [--na-prob-thresh 1.0]
-                              [--out-file OUT.json] [--verbose]
+python -m laffi_exp.score DATA.json PREDS.json [--na-prob-file NA.json] [--na-prob-thresh 1.0]
+                          [--out-file OUT.json] [--verbose]
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from laffi_exp.core.io import atomic_write_text
 from laffi_exp.scoring.squad_metrics import golds_from_dataset, score_examples

@@ -11,8 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from laffi_exp.feedback.human import export_batch
 from laffi_exp.core.records import Answer, QAExample
+from laffi_exp.feedback.human import export_batch
 
 
 def _example(i: int) -> QAExample:

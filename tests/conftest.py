@@ -63,7 +63,13 @@ def make_cfg(tmp_path, cache_dir):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(
                 config_name="config",
-                overrides=[*tiny, f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'run'}", f"cache.dir={tmp_path / 'stages'}", *overrides],
+                overrides=[
+                    *tiny,
+                    f"paths.cache_dir={cache_dir}",
+                    f"paths.output_dir={tmp_path / 'run'}",
+                    f"cache.dir={tmp_path / 'stages'}",
+                    *overrides,
+                ],
             )
 
     return _make

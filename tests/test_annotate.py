@@ -4,6 +4,7 @@ annotators are driven, the overlap kept for the report, and the export command."
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import subprocess
 import sys
@@ -11,12 +12,12 @@ import sys
 import pytest
 
 from laffi_exp.annotate import main
+from laffi_exp.core.records import Answer
+from laffi_exp.data.squad_format import examples_from_squad
+from laffi_exp.data.synthetic import generate
 from laffi_exp.feedback.base import Annotator
 from laffi_exp.feedback.hybrid import annotate, human_ids, human_ids_by_split, overlap_ids
 from laffi_exp.feedback.simulated import RuleBasedAnnotator, SimulatedHuman
-from laffi_exp.data.squad_format import examples_from_squad
-from laffi_exp.data.synthetic import generate
-from laffi_exp.core.records import Answer
 
 IDS = [f"q{i}" for i in range(2000)]
 
@@ -25,7 +26,7 @@ IDS = [f"q{i}" for i in range(2000)]
 def test_human_sets_are_nested_across_ratios(seed):
     sets = [human_ids(IDS, r, seed) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)]
     assert sets[0] == set() and sets[-1] == set(IDS)
-    for lower, higher in zip(sets, sets[1:]):
+    for lower, higher in itertools.pairwise(sets):
         assert lower <= higher
 
 
@@ -56,7 +57,9 @@ def test_annotate_mixes_pools_and_records_sources():
     assert [f.id for f in fb] == [ex.id for ex in examples]
     chosen = human_ids([ex.id for ex in examples], 0.3, 5)
     for f in fb:
-        assert (f.source, f.annotator) == (("human", "simulated_human") if f.id in chosen else ("synthetic", "rule_based"))
+        assert (f.source, f.annotator) == (
+            ("human", "simulated_human") if f.id in chosen else ("synthetic", "rule_based")
+        )
         assert f.prediction == "Nobody" and f.feedback
     human = [f for f in fb if f.source == "human"]
     # "Nobody" is wrong everywhere; the simulated human always says so and names the fix
@@ -89,7 +92,7 @@ class FakeLLM(Annotator):
     def annotate_many(self, items):
         self.calls.append("synthetic")
         self.batches.append(list(items))
-        return [f"Wrong. The answer is \"{ex.gold}\", not {prediction}." for ex, prediction in items]
+        return [f'Wrong. The answer is "{ex.gold}", not {prediction}.' for ex, prediction in items]
 
     def annotate(self, ex, prediction):
         raise AssertionError("a batching annotator is called through annotate_many")
@@ -125,7 +128,10 @@ def test_batching_annotator_is_prepared_with_the_human_items_then_called_once(ov
 def test_overlap_is_nested_and_never_changes_the_training_feedback():
     examples = examples_from_squad(generate(1, "train", 300))
     answers = [Answer(ex.id, ex.question, ex.gold, "") for ex in examples]
-    runs = {r: annotate(examples, answers, SimulatedHuman(), RuleBasedAnnotator(), 0.5, 2, overlap_ratio=r) for r in (0.0, 0.2, 0.5)}
+    runs = {
+        r: annotate(examples, answers, SimulatedHuman(), RuleBasedAnnotator(), 0.5, 2, overlap_ratio=r)
+        for r in (0.0, 0.2, 0.5)
+    }
     assert runs[0.0].overlap == [] and runs[0.0].fallback == 0
     assert runs[0.0].feedback == runs[0.2].feedback == runs[0.5].feedback
     low, high = ({h.id for h, _ in runs[r].overlap} for r in (0.2, 0.5))
@@ -143,8 +149,14 @@ def _fake_stage1(calls):
 
     def stage1_answers(cfg):
         calls.append(cfg)
-        splits = {name: examples_from_squad(generate(0, name, n)) for name, n in (("train", 60), ("validation", 20), ("test", 5))}
-        answers = {name: [Answer(ex.id, ex.question, "" if i % 5 == 0 else "Nobody", "") for i, ex in enumerate(splits[name])] for name in ("train", "validation")}
+        splits = {
+            name: examples_from_squad(generate(0, name, n))
+            for name, n in (("train", 60), ("validation", 20), ("test", 5))
+        }
+        answers = {
+            name: [Answer(ex.id, ex.question, "" if i % 5 == 0 else "Nobody", "") for i, ex in enumerate(splits[name])]
+            for name in ("train", "validation")
+        }
         return splits, answers
 
     return stage1_answers
@@ -161,7 +173,9 @@ def test_export_command_writes_the_human_share_of_train_and_validation(tmp_path,
     calls = []
     monkeypatch.setattr(answer_stage, "stage1_answers", _fake_stage1(calls), raising=False)
     assert main(["export", "--out", str(tmp_path / "low"), "feedback.human_ratio=0.3", "seed=7"]) == 0
-    assert main(["export", "feedback.human_ratio=0.6", "--include-gold", "seed=7", "--out", str(tmp_path / "high")]) == 0
+    assert (
+        main(["export", "feedback.human_ratio=0.6", "--include-gold", "seed=7", "--out", str(tmp_path / "high")]) == 0
+    )
     assert [c.feedback.human_ratio for c in calls] == [0.3, 0.6] and calls[0].seed == 7
     splits, _ = _fake_stage1([])(None)
     ids = [ex.id for ex in splits["train"] + splits["validation"]]
@@ -214,6 +228,8 @@ def test_export_command_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args", [[], ["export", "--bogus"], ["import"]])
 def test_bad_command_line_is_one_line_with_exit_code_2(args):
-    proc = subprocess.run([sys.executable, "-m", "laffi_exp.annotate", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "laffi_exp.annotate", *args], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

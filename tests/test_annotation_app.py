@@ -17,14 +17,14 @@ import pytest
 
 pytest.importorskip("starlette", reason="the annotation app needs the app extra: pip install -e '.[app]'")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from laffi_exp.annotate import main  # noqa: E402
-from laffi_exp.annotation_app.batch import read_batch  # noqa: E402
-from laffi_exp.annotation_app.server import STATIC, create_app  # noqa: E402
-from laffi_exp.annotation_app.store import Store  # noqa: E402
+from laffi_exp.annotate import main
+from laffi_exp.annotation_app.batch import read_batch
+from laffi_exp.annotation_app.server import STATIC, create_app
+from laffi_exp.annotation_app.store import Store
 
-from .annotation_helpers import IDS, call, make_batch, serve  # noqa: E402
+from .annotation_helpers import IDS, call, make_batch, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = "http://127.0.0.1"

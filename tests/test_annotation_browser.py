@@ -196,8 +196,8 @@ def test_annotate_in_chromium_then_train_on_the_export(tmp_path, cache_dir):
     assert (report["coverage"]["annotated"], report["coverage"]["flagged"], report["time"]["count"]) == (4, 1, 4)
 
     run_dir = tmp_path / "run"
-    _run("-m", "laffi_exp", RATIO, "feedback/human=file", f"feedback.human.path={human}", on_missing, *tiny, f"hydra.run.dir={run_dir}",
-         cwd=tmp_path)  # fmt: skip
+    _run("-m", "laffi_exp", RATIO, "feedback/human=file", f"feedback.human.path={human}", on_missing, *tiny,
+         f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["feedback/human_fallback"] == len(ids) - 4
     trained = [json.loads(line) for name in ("feedback.jsonl", "val_feedback.jsonl") for line in

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from laffi_exp.models.generation import generate
-from laffi_exp.stages.answer import predict_answers
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import QAExample
+from laffi_exp.models.generation import generate
+from laffi_exp.stages.answer import predict_answers
 
 from .test_train import tiny_llama, tokenizer  # noqa: F401  (fixture)
 
@@ -33,15 +33,24 @@ def test_predict_answers_keeps_order_and_raw_text(tokenizer):  # noqa: F811
 
 
 def _passages(n_passages: int = 3, per: int = 4) -> list[QAExample]:
-    return [QAExample(id=f"q{p}_{k}", title="t", context=f"Context {p}: " + "a b c d " * (6 + 2 * p), question="who " * (k + 1) + "?",
-                      answers=()) for p in range(n_passages) for k in range(per)]
+    return [
+        QAExample(
+            id=f"q{p}_{k}",
+            title="t",
+            context=f"Context {p}: " + "a b c d " * (6 + 2 * p),
+            question="who " * (k + 1) + "?",
+            answers=(),
+        )
+        for p in range(n_passages)
+        for k in range(per)
+    ]
 
 
 def test_a_shared_passage_is_read_once_and_changes_no_output(tokenizer):  # noqa: F811
     """Questions on one passage: the prefix they share is computed once per batch, and greedy outputs and
     likelihoods are those of generating every prompt alone (float64, so no rounding decides a token)."""
-    from laffi_exp.models.generation import sequence_logprobs
     from laffi_exp.models import shared_prefix
+    from laffi_exp.models.generation import sequence_logprobs
 
     model = tiny_llama(len(tokenizer)).double()
     exs = _passages()
@@ -50,7 +59,12 @@ def test_a_shared_passage_is_read_once_and_changes_no_output(tokenizer):  # noqa
     ids = tokenizer(prompts)["input_ids"]
     shared = shared_prefix.shared_lengths(ids, groups)
     assert all(s >= shared_prefix.MIN_SHARED for s in shared)
-    assert all(ids[i][: shared[i]] == ids[j][: shared[j]] for i in range(len(ids)) for j in range(len(ids)) if groups[i] == groups[j])
+    assert all(
+        ids[i][: shared[i]] == ids[j][: shared[j]]
+        for i in range(len(ids))
+        for j in range(len(ids))
+        if groups[i] == groups[j]
+    )
 
     forwards = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)

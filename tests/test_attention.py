@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from laffi_exp.attention import analysis as attention
 from laffi_exp.attention.__main__ import main, parse_layers
 from laffi_exp.attention.analysis import Options, analyze, collect, eager_attention, load_run
-from laffi_exp.core.config import model_source
 from laffi_exp.attention.measures import MEASURES, SCOPES, head_measures, row_measures
 from laffi_exp.attention.segments import SegmentedPrompt, gold_span, prompt_spans, render, segment_prompt
+from laffi_exp.core.config import model_source
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import QAExample
@@ -38,13 +38,15 @@ def _measure(values: torch.Tensor, scope: str, name: str) -> torch.Tensor:
 # -- measures on hand-set attention -----------------------------------------------------------------
 # Five tokens: 0 the sink, 1 template, 2-3 context (3 is the gold span), 4 question. Head 0's rows are
 # written out; rows sum to 1 over the keys j <= i.
-HAND = torch.tensor([
-    [1.0, 0.0, 0.0, 0.0, 0.0],
-    [0.5, 0.5, 0.0, 0.0, 0.0],
-    [0.2, 0.3, 0.5, 0.0, 0.0],
-    [0.1, 0.2, 0.3, 0.4, 0.0],
-    [0.0, 0.0, 0.0, 0.0, 1.0],
-])
+HAND = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0, 0.0, 0.0],
+        [0.2, 0.3, 0.5, 0.0, 0.0],
+        [0.1, 0.2, 0.3, 0.4, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 1.0],
+    ]
+)
 HAND_MASKS = {
     "template": torch.tensor([False, True, False, False, False]),
     "context": torch.tensor([False, False, True, True, False]),
@@ -74,8 +76,17 @@ def test_every_measure_on_hand_set_weights():
         "question": 1.0 / 4,
         "gold": 0.4 / 4,
     }
-    expected_gen = {"local": 1.0, "far": 0.0, "distance": 0.0, "entropy": 0.0, "sink": 0.0, "template": 0.0,
-                    "context": 0.0, "question": 1.0, "gold": 0.0}
+    expected_gen = {
+        "local": 1.0,
+        "far": 0.0,
+        "distance": 0.0,
+        "entropy": 0.0,
+        "sink": 0.0,
+        "template": 0.0,
+        "context": 0.0,
+        "question": 1.0,
+        "gold": 0.0,
+    }
     for name, value in expected_all.items():
         assert _measure(values, "all", name).item() == pytest.approx(value, abs=1e-6), name
     for name, value in expected_gen.items():
@@ -106,8 +117,15 @@ def _uniform_llama(layers: int = 2, heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -213,13 +231,13 @@ def test_segments_in_tinyllamas_tokens_on_a_squad_prompt(qid, where):
     assert prompt.text == prompter.feedback_prompt(ex, "an answer")
     assert prompt.input_ids == tokenizer(prompt.text)["input_ids"]
     offsets = tokenizer(prompt.text, return_offsets_mapping=True)["offset_mapping"]
-    (g0, g1), = prompt.spans["gold"]
+    ((g0, g1),) = prompt.spans["gold"]
     assert prompt.text[g0:g1] == ex.answers[0]
     gold = np.flatnonzero(prompt.masks["gold"])
     # The gold tokens are one run that covers the span and nothing outside it but a leading space.
     assert list(gold) == list(range(gold[0], gold[-1] + 1))
     assert offsets[gold[0]][0] <= g0 < offsets[gold[0]][1] and offsets[gold[-1]][0] < g1 <= offsets[gold[-1]][1]
-    assert prompt.text[offsets[gold[0]][0]:g0].strip() == "" and offsets[gold[-1]][1] == g1
+    assert prompt.text[offsets[gold[0]][0] : g0].strip() == "" and offsets[gold[-1]][1] == g1
     assert _text_of(prompt, tokenizer, "gold") == ex.answers[0]
     assert prompt.masks["context"][gold].all()  # the gold span is a part of the context
     context = np.flatnonzero(prompt.masks["context"])
@@ -230,7 +248,7 @@ def test_segments_in_tinyllamas_tokens_on_a_squad_prompt(qid, where):
     for name, value in (("context", ex.context), ("question", ex.question), ("prediction", "an answer")):
         tokens = np.flatnonzero(prompt.masks[name])  # one run of tokens covering exactly the field
         assert list(tokens) == list(range(tokens[0], tokens[-1] + 1)), name
-        assert prompt.text[offsets[tokens[0]][0]:offsets[tokens[-1]][1]].lstrip(" ") == value, name
+        assert prompt.text[offsets[tokens[0]][0] : offsets[tokens[-1]][1]].lstrip(" ") == value, name
     # Every token but the sink is in exactly one of the template and the fields.
     parts = np.stack([prompt.masks[n] for n in ("template", "context", "question", "prediction")])
     assert parts[:, 0].sum() == 0 and (parts[:, 1:].sum(0) == 1).all()
@@ -336,13 +354,16 @@ def test_layers_selection(finished_run):
     assert parse_layers(["0,2", "5-7", "-1"]) == (0, 2, 5, 6, 7, -1)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--layers", "7"], "layers: layer 7 is not one of the model's 1 layers"),
-    (["--layers", "x"], "--layers: expected layer numbers"),
-    (["--num", "0"], "num: expected an integer >= 1"),
-    (["--num", "many"], "argument --num: invalid int value"),
-    (["--device", "tpu"], "device: expected auto, cpu, cuda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "7"], "layers: layer 7 is not one of the model's 1 layers"),
+        (["--layers", "x"], "--layers: expected layer numbers"),
+        (["--num", "0"], "num: expected an integer >= 1"),
+        (["--num", "many"], "argument --num: invalid int value"),
+        (["--device", "tpu"], "device: expected auto, cpu, cuda"),
+    ],
+)
 def test_bad_options_are_one_line_and_exit_2(finished_run, args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(main([str(finished_run), "--out", str(tmp_path), *args]))
@@ -380,8 +401,15 @@ def tiny_run(tmp_path_factory, cache_dir):
     from laffi_exp.pipeline import run
 
     out = tmp_path_factory.mktemp("attention_run")
-    cfg = _compose(f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", f"cache.dir={out.parent / 'attn_stages'}",
-                   "method=sft", "evaluation.na_probs=false", "analysis.attention=true", "analysis.attention_num=12")
+    cfg = _compose(
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={out}",
+        f"cache.dir={out.parent / 'attn_stages'}",
+        "method=sft",
+        "evaluation.na_probs=false",
+        "analysis.attention=true",
+        "analysis.attention_num=12",
+    )
     run(cfg)
     return cfg, out
 
@@ -402,8 +430,10 @@ def test_a_run_analyses_itself_as_the_command_does(tiny_run, tmp_path, capsys):
 
 
 def _read_summary(path: Path) -> dict[tuple, float]:
-    return {tuple(r[c] for c in ("prompt", "scope", "layer", "head", "model", "measure", "n")): float(r["mean"])
-            for r in _rows(path)}
+    return {
+        tuple(r[c] for c in ("prompt", "scope", "layer", "head", "model", "measure", "n")): float(r["mean"])
+        for r in _rows(path)
+    }
 
 
 @pytest.mark.slow
@@ -506,9 +536,19 @@ def test_a_sweep_without_attention_has_no_attention_table(tmp_path):
 def test_a_tinyllamas_squad_run_is_analysed(make_cfg, tmp_path):
     from laffi_exp.pipeline import run
 
-    cfg = make_cfg("dataset=squad_v2", f"dataset.path={SQUAD_DEV.parent}", "dataset.num_train=16", "dataset.num_val=4",
-                   "dataset.num_eval=12", "model=hf", f"model.name_or_path={TINYLLAMA}", "model.max_length=512",
-                   "trainer.max_steps=3", "analysis.attention=true", embedded=False)
+    cfg = make_cfg(
+        "dataset=squad_v2",
+        f"dataset.path={SQUAD_DEV.parent}",
+        "dataset.num_train=16",
+        "dataset.num_val=4",
+        "dataset.num_eval=12",
+        "model=hf",
+        f"model.name_or_path={TINYLLAMA}",
+        "model.max_length=512",
+        "trainer.max_steps=3",
+        "analysis.attention=true",
+        embedded=False,
+    )
     run(cfg)
     info = json.loads((tmp_path / "run" / "attention" / "analysis.json").read_text())
     assert info["layers"] == [0, 1, 2, 3, 4] and info["heads"] == 8 and info["prompts"] == 12

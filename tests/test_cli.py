@@ -18,7 +18,9 @@ from .conftest import TINY, TINYLLAMA, needs
 
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "laffi_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "laffi_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _cli_run(tmp_path, cache_dir, *loggers: str):
@@ -68,8 +70,11 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("args", "needle", "embedded"), [(a, n, True) for a, n in BAD] + [(a, n, False) for a, n in BAD_HF],
-                         ids=[a[-1] for a, _ in BAD + BAD_HF])
+@pytest.mark.parametrize(
+    ("args", "needle", "embedded"),
+    [(a, n, True) for a, n in BAD] + [(a, n, False) for a, n in BAD_HF],
+    ids=[a[-1] for a, _ in BAD + BAD_HF],
+)
 def test_bad_input_is_one_clear_line(args, needle, embedded, make_cfg, tmp_path, capsys):
     cfg = make_cfg(*args, embedded=embedded)
     with pytest.raises(SystemExit) as stop:
@@ -102,7 +107,9 @@ CLI_BAD = [
 @pytest.mark.parametrize(("args", "needle"), CLI_BAD)
 def test_bad_input_on_the_command_line_is_one_line_and_exit_code_2(args, needle, tmp_path, cache_dir):
     tiny = TINY if args[0].startswith(("model.", "generation.", "method.", "prompt.", "feedback.", "dataset.")) else []
-    proc = cli(*tiny, *args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path)
+    proc = cli(
+        *tiny, *args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert needle in proc.stderr

@@ -94,7 +94,7 @@ def test_missing_required_value_names_the_key(make_cfg):
 def test_conf_ships_inside_the_package():
     import laffi_exp
 
-    assert CONF_DIR == Path(laffi_exp.__file__).parent / "conf"
+    assert Path(laffi_exp.__file__).parent / "conf" == CONF_DIR
     assert Path(CONF_DIR, "config.yaml").is_file()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["paths.output_dir=/tmp/x"])

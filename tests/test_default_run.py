@@ -15,17 +15,24 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+
 def _run(method: str, tmp_path) -> dict:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "laffi_exp", f"method={method}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    print(f"{method}: base {metrics['base/exact']:.1f} direct {metrics['test/exact']:.1f} "
-          f"reflect {metrics.get('test_reflect/exact', float('nan')):.1f} in {time.time() - start:.0f} s")
+    print(
+        f"{method}: base {metrics['base/exact']:.1f} direct {metrics['test/exact']:.1f} "
+        f"reflect {metrics.get('test_reflect/exact', float('nan')):.1f} in {time.time() - start:.0f} s"
+    )
     for name in ("predictions.json", "base_predictions.json", "metrics.json", "adapter/adapter_model.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     return metrics

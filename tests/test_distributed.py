@@ -26,9 +26,20 @@ from .test_pipeline import SQUAD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every artifact of a run (as tests/test_pipeline.py::test_laffi_run_writes_every_artifact lists them).
-ARTIFACTS = ["config.yaml", "answers.jsonl", "feedback.jsonl", "predictions.json", "base_predictions.json",
-             "reflect_predictions.json", "metrics.json", "eval_data.json", "adapter/adapter_model.safetensors",
-             "adapter/adapter_config.json", "adapter/config.yaml", "csv/metrics.csv"]
+ARTIFACTS = [
+    "config.yaml",
+    "answers.jsonl",
+    "feedback.jsonl",
+    "predictions.json",
+    "base_predictions.json",
+    "reflect_predictions.json",
+    "metrics.json",
+    "eval_data.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/config.yaml",
+    "csv/metrics.csv",
+]
 GENERATED = re.compile(r"Generation (\w+): rank (\d+)/(\d+) generated (\d+) of (\d+) prompts")
 
 
@@ -41,8 +52,8 @@ def _as_rank(monkeypatch, rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, batch_size", [(16, 4), (17, 4), (5, 8), (24, 1), (0, 4)])
 def test_shares_are_whole_batches_and_gather_back_in_order(monkeypatch, world, n, batch_size):
-    from laffi_exp.models.generation import _tokenize
     from laffi_exp.models import shared_prefix
+    from laffi_exp.models.generation import _tokenize
 
     rng = random.Random(n * 10 + world)
     # lengths with ties; groups of prompts that share a long prefix (questions on one passage), split across batches
@@ -127,9 +138,15 @@ def _two_ranks(rank: int, port: int, root: str) -> None:
         assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (rank, 2, rank == 0)
         mine = distributed.my_share([[3, 1], [0], [2, 4]])
         assert mine == ([3, 1, 2, 4] if rank == 0 else [0])
-        assert distributed.gather_in_order(mine, [f"r{rank}-{i}" for i in mine], 5) == ["r1-0", "r0-1", "r0-2", "r0-3", "r0-4"]
+        assert distributed.gather_in_order(mine, [f"r{rank}-{i}" for i in mine], 5) == [
+            "r1-0",
+            "r0-1",
+            "r0-2",
+            "r0-3",
+            "r0-4",
+        ]
         assert distributed.from_main(f"rank {rank}") == "rank 0"
-        assert distributed.on_main(lambda: distributed.rank()) == 0  # run by rank 0 alone
+        assert distributed.on_main(distributed.rank) == 0  # run by rank 0 alone
         with pytest.raises(ConfigError, match="from rank 0"):  # rank 0's error reaches every rank
             distributed.on_main(_fail, "from rank 0")
         distributed.check_agree("same", "x")
@@ -178,7 +195,9 @@ def _env() -> dict:
 
 def _launch(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group, all of which (torchrun's workers too) is killed on timeout."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -190,8 +209,20 @@ def _launch(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Compl
 
 @pytest.mark.slow
 def test_ddp_cpu_without_a_launcher_says_how_to_launch(tmp_path, cache_dir):
-    proc = _launch([sys.executable, "-m", "laffi_exp", *TINY, "trainer=ddp_cpu", f"paths.cache_dir={cache_dir}",
-                    f"cache.dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
+    proc = _launch(
+        [
+            sys.executable,
+            "-m",
+            "laffi_exp",
+            *TINY,
+            "trainer=ddp_cpu",
+            f"paths.cache_dir={cache_dir}",
+            f"cache.dir={tmp_path / 'stages'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
     assert "trainer: runs 2 processes (devices x num_nodes) but 1 were launched" in proc.stdout
@@ -218,13 +249,31 @@ def runs(tmp_path_factory):
     common = [*TINY, *SHARED, f"paths.cache_dir={models}"]
     ddp = _launch([*torchrun, *common, "trainer=ddp_cpu", f"cache.dir={tmp / 'stages_ddp'}"], cwd=tmp)
     assert ddp.returncode == 0, ddp.stdout[-5000:]
-    single = _launch([sys.executable, "-m", "laffi_exp", *common, f"cache.dir={tmp / 'stages_single'}", f"hydra.run.dir={tmp / 'single'}"], cwd=tmp)
+    single = _launch(
+        [
+            sys.executable,
+            "-m",
+            "laffi_exp",
+            *common,
+            f"cache.dir={tmp / 'stages_single'}",
+            f"hydra.run.dir={tmp / 'single'}",
+        ],
+        cwd=tmp,
+    )
     assert single.returncode == 0, single.stdout[-5000:]
-    again = _launch([*torchrun, *common, "trainer=ddp_cpu", f"cache.dir={tmp / 'stages_ddp'}", f"hydra.run.dir={tmp / 'again'}"], cwd=tmp)
+    again = _launch(
+        [*torchrun, *common, "trainer=ddp_cpu", f"cache.dir={tmp / 'stages_ddp'}", f"hydra.run.dir={tmp / 'again'}"],
+        cwd=tmp,
+    )
     assert again.returncode == 0, again.stdout[-5000:]
     run_dirs = list((tmp / "outputs" / "laffi" / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs  # both ranks named the run dir after rank 0's start time
-    return {"ddp": (run_dirs[0], ddp.stdout), "single": (tmp / "single", single.stdout), "again": (tmp / "again", again.stdout), "tmp": tmp}
+    return {
+        "ddp": (run_dirs[0], ddp.stdout),
+        "single": (tmp / "single", single.stdout),
+        "again": (tmp / "again", again.stdout),
+        "tmp": tmp,
+    }
 
 
 @pytest.mark.slow
@@ -243,7 +292,12 @@ def test_two_ranks_write_the_artifacts_of_one_process(runs):
 @pytest.mark.slow
 def test_sharded_greedy_generation_equals_one_process(runs):
     ddp, single = runs["ddp"][0], runs["single"][0]
-    for name in ("base_predictions.json", "base_na_probs.json", "answers.jsonl", "val_answers.jsonl"):  # the untrained base
+    for name in (
+        "base_predictions.json",
+        "base_na_probs.json",
+        "answers.jsonl",
+        "val_answers.jsonl",
+    ):  # the untrained base
         assert (ddp / name).read_text() == (single / name).read_text(), name
     # ... so both runs name the same cache entries for them: one cache serves both kinds of run.
     stages = [json.loads((d / "manifest.json").read_text())["stages"] for d in (ddp, single)]
@@ -269,7 +323,7 @@ def test_every_rank_generates_its_share(runs):
 @pytest.mark.slow
 def test_rank_one_writes_nothing(runs):
     ddp = runs["ddp"][0]
-    logs = [p for p in ddp.rglob("*.log")]
+    logs = list(ddp.rglob("*.log"))
     assert [p.name for p in logs] == ["__main__.log"]
     text = logs[0].read_text()
     assert "rank 0/2 generated" in text and "rank 1/2 generated" not in text  # rank 1 logs to the console only
@@ -287,7 +341,9 @@ def test_a_second_two_rank_run_takes_every_stage_from_the_cache(runs):
     assert stages and all(event["hit"] for event in stages.values()), stages
     assert GENERATED.search(out) is None  # nothing generated again
     first, second = (json.loads((d / "metrics.json").read_text()) for d in (ddp, again))
-    assert {k: v for k, v in first.items() if k != "time/seconds"} == {k: v for k, v in second.items() if k != "time/seconds"}
+    assert {k: v for k, v in first.items() if k != "time/seconds"} == {
+        k: v for k, v in second.items() if k != "time/seconds"
+    }
     for name in ("predictions.json", "reflect_predictions.json", "adapter/adapter_model.safetensors"):
         assert (ddp / name).read_bytes() == (again / name).read_bytes(), name
 
@@ -305,8 +361,17 @@ def sharded(tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "laffi_exp"]
     out = {}
     for name in ("fsdp_cpu", "ddp_cpu"):
-        proc = _launch([*torchrun, *CLIPPED, f"trainer={name}", f"paths.cache_dir={tmp / 'models'}",
-                        f"cache.dir={tmp / 'stages'}", f"hydra.run.dir={tmp / name}"], cwd=tmp)
+        proc = _launch(
+            [
+                *torchrun,
+                *CLIPPED,
+                f"trainer={name}",
+                f"paths.cache_dir={tmp / 'models'}",
+                f"cache.dir={tmp / 'stages'}",
+                f"hydra.run.dir={tmp / name}",
+            ],
+            cwd=tmp,
+        )
         assert proc.returncode == 0, proc.stdout[-5000:]
         out[name] = (tmp / name, proc.stdout)
     return out
@@ -347,7 +412,9 @@ def test_fsdp_refuses_4bit_before_any_work(make_cfg, tmp_path):
     from laffi_exp.core.errors import ConfigError
     from laffi_exp.pipeline import run
 
-    cfg = make_cfg("trainer=fsdp", "model=hf", "model.name_or_path=org/some-7b", "model.load_in_4bit=true", embedded=False)
+    cfg = make_cfg(
+        "trainer=fsdp", "model=hf", "model.name_or_path=org/some-7b", "model.load_in_4bit=true", embedded=False
+    )
     with pytest.raises(ConfigError, match="model.load_in_4bit: FSDP does not shard 4-bit weights"):
         run(cfg)
     assert not (tmp_path / "run").exists()
@@ -366,12 +433,26 @@ def test_fsdp_trains_a_bf16_base_like_ddp(tmp_path):
         pytest.skip(f"{TINYLLAMA} or {SQUAD_DEV} is absent (the shared/ folder beside the project)")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "laffi_exp"]
     real = [o for o in CLIPPED if not o.startswith("model.")] + [
-        "model=hf", f"model.name_or_path={TINYLLAMA}", "model.dtype=bfloat16", "model.max_length=512",
-        "dataset=squad_v2", f"dataset.path={SQUAD_DEV.parent}"]
+        "model=hf",
+        f"model.name_or_path={TINYLLAMA}",
+        "model.dtype=bfloat16",
+        "model.max_length=512",
+        "dataset=squad_v2",
+        f"dataset.path={SQUAD_DEV.parent}",
+    ]
     losses, adapters = {}, {}
     for name in ("fsdp_cpu", "ddp_cpu"):
-        proc = _launch([*torchrun, *real, f"trainer={name}", f"paths.cache_dir={tmp_path / 'models'}",
-                        f"cache.dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        proc = _launch(
+            [
+                *torchrun,
+                *real,
+                f"trainer={name}",
+                f"paths.cache_dir={tmp_path / 'models'}",
+                f"cache.dir={tmp_path / 'stages'}",
+                f"hydra.run.dir={tmp_path / name}",
+            ],
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout[-5000:]
         losses[name] = json.loads((tmp_path / name / "metrics.json").read_text())["train/final_val_loss"]
         adapters[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from laffi_exp.feedback.report import cohen_kappa, feedback_report, numbers
 from laffi_exp.core.records import Feedback, QAExample
+from laffi_exp.feedback.report import cohen_kappa, feedback_report, numbers
 
 
 def ex(i: int, *answers: str) -> QAExample:
@@ -17,7 +17,9 @@ def ex(i: int, *answers: str) -> QAExample:
 EXAMPLES = [ex(1, "Paris"), ex(2, "Ann Lee", "Lee"), ex(3), ex(4, "1901"), ex(5, "Oslo"), ex(6, "blue"), ex(7, "7")]
 
 
-def fb(i: int, prediction: str, text: str, source: str, annotator: str, verdict: str, correction: str | None) -> Feedback:
+def fb(
+    i: int, prediction: str, text: str, source: str, annotator: str, verdict: str, correction: str | None
+) -> Feedback:
     return Feedback(f"e{i}", f"question {i}?", prediction, text, source, annotator, verdict, correction)
 
 
@@ -103,8 +105,11 @@ def test_human_human_agreement_per_pair_and_pooled():
     from laffi_exp.feedback.report import human_agreement
 
     ratings = [
-        ("e1", "alice", "correct"), ("e1", "bob", "correct"), ("e1", "carol", "incorrect"),
-        ("e2", "alice", "incorrect"), ("e2", "bob", "incorrect"),
+        ("e1", "alice", "correct"),
+        ("e1", "bob", "correct"),
+        ("e1", "carol", "incorrect"),
+        ("e2", "alice", "incorrect"),
+        ("e2", "bob", "incorrect"),
         ("e3", "alice", "correct"),  # one annotator: not counted
     ]
     agreement = human_agreement(ratings)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from laffi_exp.core.io import read_json, read_jsonl
+from laffi_exp.core.records import QAExample
 from laffi_exp.feedback.hybrid import human_ids
 from laffi_exp.feedback.simulated import SimulatedHuman
-from laffi_exp.core.io import read_json, read_jsonl
 from laffi_exp.pipeline import run
-from laffi_exp.core.records import QAExample
 
 from .conftest import TINY
 from .test_llm_annotators import server  # noqa: F401  (the local chat-completions server fixture)
@@ -29,9 +29,24 @@ def test_export_then_a_real_human_file_plus_an_llm_annotator_trains(make_cfg, tm
     ratio = "feedback.human_ratio=0.3"
     tiny = [o for o in TINY if not o.startswith("logger=")]
     done = subprocess.run(
-        [sys.executable, "-m", "laffi_exp.annotate", "export", "--out", str(tmp_path / "batch"), *tiny, "logger=csv",
-         f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path / 'stages'}", f"paths.output_dir={tmp_path / 'export'}", ratio],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "laffi_exp.annotate",
+            "export",
+            "--out",
+            str(tmp_path / "batch"),
+            *tiny,
+            "logger=csv",
+            f"paths.cache_dir={cache_dir}",
+            f"cache.dir={tmp_path / 'stages'}",
+            f"paths.output_dir={tmp_path / 'export'}",
+            ratio,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "batch.csv").open()))
@@ -53,11 +68,17 @@ def test_export_then_a_real_human_file_plus_an_llm_annotator_trains(make_cfg, tm
     digest = hashlib.sha256(filled.read_bytes()).hexdigest()
 
     llm = server()
-    metrics = run(make_cfg(
-        ratio, "feedback/human=file", f"feedback.human.path={filled}", "feedback/synthetic=openai", f"feedback.synthetic.base_url={llm.url}",
-        "feedback.synthetic.model=test-model",
-        f"cache.dir={tmp_path / 'stages'}",
-    ))
+    metrics = run(
+        make_cfg(
+            ratio,
+            "feedback/human=file",
+            f"feedback.human.path={filled}",
+            "feedback/synthetic=openai",
+            f"feedback.synthetic.base_url={llm.url}",
+            "feedback.synthetic.model=test-model",
+            f"cache.dir={tmp_path / 'stages'}",
+        )
+    )
     out = tmp_path / "run"
     feedback = list(read_jsonl(out / "feedback.jsonl"))
     by_source = {}

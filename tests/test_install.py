@@ -27,7 +27,16 @@ def test_a_users_config_dir_adds_an_experiment(tmp_path):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
     (mine / "my_share.yaml").write_text("# @package _global_\nfeedback:\n  human_ratio: 0.3\nseed: 7\n")
-    cmd = [sys.executable, "-m", "laffi_exp", "--config-dir", str(tmp_path / "my_conf"), "+experiment=my_share", "--cfg", "job"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laffi_exp",
+        "--config-dir",
+        str(tmp_path / "my_conf"),
+        "+experiment=my_share",
+        "--cfg",
+        "job",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "human_ratio: 0.3" in proc.stdout and "seed: 7" in proc.stdout
@@ -36,7 +45,18 @@ def test_a_users_config_dir_adds_an_experiment(tmp_path):
 @pytest.mark.slow
 def test_the_wheel_runs_outside_the_source_tree(tmp_path, cache_dir):
     wheels = tmp_path / "wheels"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)]
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(wheels),
+        str(ROOT),
+    ]
     done = subprocess.run(build, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = wheels.glob("laffi_exp-*.whl")
@@ -44,8 +64,8 @@ def test_the_wheel_runs_outside_the_source_tree(tmp_path, cache_dir):
     assert "laffi_exp/conf/config.yaml" in names and "laffi_exp/conf/hydra/launcher/slurm.yaml" in names
 
     site = tmp_path / "site"  # the wheel alone: its dependencies come from this environment
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                           str(wheel)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     away = tmp_path / "elsewhere"  # no source tree here or above
     away.mkdir()

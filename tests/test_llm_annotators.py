@@ -20,9 +20,8 @@ import pytest
 from hydra.utils import instantiate
 
 from laffi_exp.core.config import CONF_DIR, validate
-from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.errors import AnnotationError, ConfigError
 from laffi_exp.core.records import QAExample
-from laffi_exp.core.errors import AnnotationError
 from laffi_exp.feedback.hf_fewshot import HFFewShotAnnotator
 from laffi_exp.feedback.llm import CACHE_FILE, FewShotPrompt, Request, Shot, extract_feedback, select_shots
 from laffi_exp.feedback.openai_chat import OpenAIAnnotator
@@ -60,7 +59,7 @@ def items(n: int) -> list[tuple[QAExample, str]]:
 
 def expected(ex: QAExample) -> str:
     """What the fake server answers for ``ex``'s prompt (see ChatServer.content)."""
-    return f"Incorrect. The answer is \"{ex.question}\"."
+    return f'Incorrect. The answer is "{ex.question}".'
 
 
 class ChatServer:
@@ -104,7 +103,13 @@ class ChatServer:
             def do_GET(self):
                 with server.lock:
                     server.gets += 1
-                self._json(200, {"object": "list", "data": [{"id": "test-model", "object": "model", "created": 0, "owned_by": "t"}]})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": "test-model", "object": "model", "created": 0, "owned_by": "t"}],
+                    },
+                )
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -133,7 +138,9 @@ class ChatServer:
                     headers = {"Retry-After": wait or server.retry_after}
                     self._json(int(action), {"error": {"message": f"scripted {action}", "type": "test"}}, headers)
                 elif action == "401":  # a server that echoes the key it was sent
-                    self._json(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}", "type": "auth"}})
+                    self._json(
+                        401, {"error": {"message": f"bad key {self.headers.get('Authorization')}", "type": "auth"}}
+                    )
                 elif action == "hang":
                     time.sleep(server.hang_s)
                 elif action == "not_json":
@@ -143,10 +150,22 @@ class ChatServer:
                 else:
                     question = server.question(body)
                     content = "" if action == "empty" else server.content(question)
-                    self._json(200, {
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-                    })
+                    self._json(
+                        200,
+                        {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": body["model"],
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content},
+                                }
+                            ],
+                        },
+                    )
                     if action != "empty":
                         with server.lock:
                             server.answered[question] = server.answered.get(question, 0) + 1
@@ -180,7 +199,7 @@ class ChatServer:
 
     @staticmethod
     def content(question: str) -> str:
-        return f"Feedback: Incorrect. The answer is \"{question}\".\nA second line that is not feedback."
+        return f'Feedback: Incorrect. The answer is "{question}".\nA second line that is not feedback.'
 
     def release(self):
         """Drop the held requests; answer all later ones."""
@@ -213,7 +232,9 @@ def openai_annotator(url: str, cache_dir, **kwargs) -> OpenAIAnnotator:
 
 
 SHOTS = [
-    (ex, "room 999", f"Incorrect. The answer is \"{ex.gold}\".") if ex.answers else (ex, "", "Correct. The question cannot be answered.")
+    (ex, "room 999", f'Incorrect. The answer is "{ex.gold}".')
+    if ex.answers
+    else (ex, "", "Correct. The question cannot be answered.")
     for ex in examples(40)[30:]
 ]
 
@@ -451,9 +472,12 @@ def test_cache_keys_refuse_secrets_and_are_canonical(tmp_path):
 def test_prompt_shows_shots_gold_and_prediction():
     prompt = FewShotPrompt()
     ex, unanswerable = examples(2)[1], examples(1)[0]
-    shots = [Shot("Passage A.", "Q A?", "x", "Incorrect. The answer is \"A\".", ("A",)), Shot("P.", "Q?", "", "Correct.", None)]
+    shots = [
+        Shot("Passage A.", "Q A?", "x", 'Incorrect. The answer is "A".', ("A",)),
+        Shot("P.", "Q?", "", "Correct.", None),
+    ]
     text = prompt.render(ex, "room 5", shots)
-    assert text.index("Passage A.") < text.index("Feedback: Incorrect. The answer is \"A\".") < text.index(ex.context)
+    assert text.index("Passage A.") < text.index('Feedback: Incorrect. The answer is "A".') < text.index(ex.context)
     assert 'Reference answer: "room 101"\nAnswer: room 5\nFeedback:' in text and text.endswith("Feedback:")
     assert "Question: Q?\nAnswer: unanswerable\nFeedback: Correct." in text  # no gold known for that shot
     assert "Reference answer: none" in prompt.render(unanswerable, "", [])
@@ -472,7 +496,10 @@ def test_shot_selection_is_deterministic_nested_and_order_free():
 
 def test_shots_from_a_file_or_none_with_a_warning(tmp_path, caplog):
     path = tmp_path / "shots.jsonl"
-    rows = [{"context": f"c{i}", "question": f"q{i}", "prediction": "p", "feedback": "Correct.", "answers": ["p"]} for i in range(5)]
+    rows = [
+        {"context": f"c{i}", "question": f"q{i}", "prediction": "p", "feedback": "Correct.", "answers": ["p"]}
+        for i in range(5)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     annotator = OpenAIAnnotator("http://127.0.0.1:9/v1", "m", k=3, shots_path=str(path), cache_dir=tmp_path)
     annotator.prepare()
@@ -483,13 +510,15 @@ def test_shots_from_a_file_or_none_with_a_warning(tmp_path, caplog):
         OpenAIAnnotator("http://127.0.0.1:9/v1", "m", cache_dir=tmp_path).prepare()
     assert "prompting zero-shot" in caplog.text
     path.write_text('{"context": "c", "question": "q"}\n')
-    with pytest.raises(ConfigError, match=r"shots_path: .*shots.jsonl line 1: .*missing or not a string: prediction, feedback"):
+    with pytest.raises(
+        ConfigError, match=r"shots_path: .*shots.jsonl line 1: .*missing or not a string: prediction, feedback"
+    ):
         OpenAIAnnotator("http://127.0.0.1:9/v1", "m", shots_path=str(path), cache_dir=tmp_path).prepare()
 
 
 def test_feedback_is_the_first_line():
     assert extract_feedback("\n Feedback: Correct. Yes.\nMore.") == "Correct. Yes."
-    assert extract_feedback("Incorrect. The answer is \"X\".") == "Incorrect. The answer is \"X\"."
+    assert extract_feedback('Incorrect. The answer is "X".') == 'Incorrect. The answer is "X".'
     assert extract_feedback("   ") == ""
 
 
@@ -508,13 +537,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -546,7 +585,9 @@ def test_hf_fewshot_fits_long_prompts_into_the_window(tiny_model_dir, tmp_path):
     assert base.tokenizer.pad_token is not None  # it had none
     budget = 256 - 8
     ex = examples(2)[1]
-    long_ex = QAExample("long", "t", "Filler words go here. " * 200 + ex.context, ex.question, ex.answers, (4400 + ex.answer_starts[0],))
+    long_ex = QAExample(
+        "long", "t", "Filler words go here. " * 200 + ex.context, ex.question, ex.answers, (4400 + ex.answer_starts[0],)
+    )
     assert long_ex.context[long_ex.answer_starts[0] :].startswith(ex.answers[0])
     fitted = {}
     for name, case in (("short", ex), ("long", long_ex)):
@@ -595,7 +636,9 @@ def test_every_annotator_config_composes_and_instantiates(name, make_cfg, cache_
     annotator = instantiate(cfg.feedback.synthetic)
     assert annotator.source == "synthetic" and annotator.name
     if name == "openai":
-        assert annotator.base_url == "http://127.0.0.1:9/v1" and annotator.name == "openai:my-model" and annotator.k == 2
+        assert (
+            annotator.base_url == "http://127.0.0.1:9/v1" and annotator.name == "openai:my-model" and annotator.k == 2
+        )
     if name != "rule_based":
         assert annotator.cache.path == cache_dir / CACHE_FILE
 
@@ -608,4 +651,6 @@ def test_hf_fewshot_requires_a_model(make_cfg):
 def test_openai_base_url_defaults_to_the_openai_api(make_cfg, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     cfg = make_cfg("feedback/synthetic=openai")
-    assert cfg.feedback.synthetic.base_url == "https://api.openai.com/v1" and cfg.feedback.synthetic.model == "gpt-4o-mini"
+    assert (
+        cfg.feedback.synthetic.base_url == "https://api.openai.com/v1" and cfg.feedback.synthetic.model == "gpt-4o-mini"
+    )

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from laffi_exp.models.generation import sequence_logprobs
-from laffi_exp.stages.answer import predict_answers
-from laffi_exp.stages.evaluate import no_answer_probs, score
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import Answer, QAExample
+from laffi_exp.models.generation import sequence_logprobs
 from laffi_exp.scoring.squad_metrics import score_examples
+from laffi_exp.stages.answer import predict_answers
+from laffi_exp.stages.evaluate import no_answer_probs, score
 
 from .test_train import tiny_llama
 
@@ -31,10 +31,16 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(
         ["Context: a b c. Question: who? Answer: Bob unanswerable Feedback: Correct."] * 10,
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert fast("a")["input_ids"][0] == fast.bos_token_id
     assert fast("a", add_special_tokens=False)["input_ids"][0] != fast.bos_token_id
@@ -74,8 +80,10 @@ def expected(model, tokenizer):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 def test_sequence_logprobs_equal_a_hand_computation(model, tokenizer, expected, batch_size):
-    lengths = {len(tokenizer(p)["input_ids"]) + len(tokenizer(c, add_special_tokens=False)["input_ids"])
-               for p, c in zip(PROMPTS, CONTINUATIONS)}
+    lengths = {
+        len(tokenizer(p)["input_ids"]) + len(tokenizer(c, add_special_tokens=False)["input_ids"])
+        for p, c in zip(PROMPTS, CONTINUATIONS)
+    }
     assert len(lengths) > 1  # the batch really is padded
     got = sequence_logprobs(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=batch_size)
     assert len(got) == len(PROMPTS)

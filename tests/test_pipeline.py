@@ -24,15 +24,29 @@ def laffi_run(tmp_path_factory, cache_dir):
 
     out = tmp_path_factory.mktemp("laffi")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "feedback.human_ratio=0.5"])
+        cfg = compose(
+            config_name="config",
+            overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "feedback.human_ratio=0.5"],
+        )
     return cfg, run(cfg), out
 
 
 def test_laffi_run_writes_every_artifact(laffi_run):
     cfg, metrics, out = laffi_run
-    for name in ["config.yaml", "answers.jsonl", "feedback.jsonl", "predictions.json", "base_predictions.json",
-                 "reflect_predictions.json", "metrics.json", "eval_data.json", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json", "adapter/config.yaml", "csv/metrics.csv"]:
+    for name in [
+        "config.yaml",
+        "answers.jsonl",
+        "feedback.jsonl",
+        "predictions.json",
+        "base_predictions.json",
+        "reflect_predictions.json",
+        "metrics.json",
+        "eval_data.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/config.yaml",
+        "csv/metrics.csv",
+    ]:
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics
@@ -58,9 +72,13 @@ def test_feedback_records_have_the_documented_fields(laffi_run):
 
 
 def test_predictions_are_official_format_and_rescore_to_the_metrics(laffi_run):
-    cfg, metrics, out = laffi_run
+    _cfg, metrics, out = laffi_run
     data = json.loads((out / "eval_data.json").read_text())["data"]
-    for file, prefix in (("predictions.json", "test"), ("base_predictions.json", "base"), ("reflect_predictions.json", "test_reflect")):
+    for file, prefix in (
+        ("predictions.json", "test"),
+        ("base_predictions.json", "base"),
+        ("reflect_predictions.json", "test_reflect"),
+    ):
         preds = json.loads((out / file).read_text())
         assert all(isinstance(v, str) for v in preds.values())
         rescored = evaluate(data, preds)
@@ -71,8 +89,11 @@ def test_predictions_are_official_format_and_rescore_to_the_metrics(laffi_run):
 def test_no_answer_probabilities_give_the_official_best_thresholds(laffi_run, tmp_path):
     from laffi_exp import score
 
-    cfg, metrics, out = laffi_run
-    for preds_file, na_file, prefix in (("predictions.json", "na_probs.json", "test"), ("base_predictions.json", "base_na_probs.json", "base")):
+    _cfg, metrics, out = laffi_run
+    for preds_file, na_file, prefix in (
+        ("predictions.json", "na_probs.json", "test"),
+        ("base_predictions.json", "base_na_probs.json", "base"),
+    ):
         preds, na_probs = (json.loads((out / f).read_text()) for f in (preds_file, na_file))
         assert na_probs.keys() == preds.keys()
         assert all(0.0 <= p <= 1.0 for p in na_probs.values())
@@ -80,7 +101,19 @@ def test_no_answer_probabilities_give_the_official_best_thresholds(laffi_run, tm
         assert len(set(na_probs.values())) > 2  # a real probability, not a copy of the predictions
         # The files in the run dir give the official script's numbers, which are the run's metrics.
         result = tmp_path / f"{prefix}.json"
-        assert score.main([str(out / "eval_data.json"), str(out / preds_file), "--na-prob-file", str(out / na_file), "--out-file", str(result)]) == 0
+        assert (
+            score.main(
+                [
+                    str(out / "eval_data.json"),
+                    str(out / preds_file),
+                    "--na-prob-file",
+                    str(out / na_file),
+                    "--out-file",
+                    str(result),
+                ]
+            )
+            == 0
+        )
         official = json.loads(result.read_text())
         for key in ("exact", "f1", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"):
             assert metrics[f"{prefix}/{key}"] == pytest.approx(official[key]), f"{prefix}/{key}"
@@ -117,8 +150,12 @@ def test_sft_run_trains_on_gold_answers(make_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_run_that_builds_the_base_matches_one_that_loads_it(make_cfg, tmp_path):
     fresh = tmp_path / "fresh_cache"
-    first = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false"))  # builds
-    second = run(make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'b'}", "cache.enabled=false"))  # loads
+    first = run(
+        make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'a'}", "cache.enabled=false")
+    )  # builds
+    second = run(
+        make_cfg(f"paths.cache_dir={fresh}", f"paths.output_dir={tmp_path / 'b'}", "cache.enabled=false")
+    )  # loads
     drop = {"time/seconds"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
     assert (tmp_path / "a" / "feedback.jsonl").read_text() == (tmp_path / "b" / "feedback.jsonl").read_text()

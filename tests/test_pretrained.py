@@ -18,6 +18,7 @@ from laffi_exp.core.errors import ConfigError
 from laffi_exp.models import pretrained
 from laffi_exp.models.base import BaseModel, wrap_chat
 from laffi_exp.models.pretrained import PretrainedBase
+
 from .conftest import TINYLLAMA, needs
 
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -58,7 +59,13 @@ def _hub_cache(root: Path, repo_id: str) -> Path:
     commit = "0" * 40
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         (snapshot / name).symlink_to(TINYLLAMA / name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
@@ -143,8 +150,12 @@ def test_folder_without_weights(tmp_path):
 
 
 TINY_BERT = {
-    "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "intermediate_size": 32, "vocab_size": 100,
+    "model_type": "bert",
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "vocab_size": 100,
 }
 
 
@@ -287,8 +298,14 @@ def test_preset_lora_targets_match_the_architecture(make_cfg, preset):
         model = PretrainedBase(str(TINYLLAMA)).load().model
     else:  # a tiny random model of the preset's architecture: same module names, no download
         config = AutoConfig.for_model(
-            architecture, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=128, **({"head_dim": 16} if architecture == "gemma3_text" else {}),
+            architecture,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=128,
+            **({"head_dim": 16} if architecture == "gemma3_text" else {}),
         )
         model = AutoModelForCausalLM.from_config(config)
     assert _lora_modules(get_peft_model(model, lora)) == set(cfg.model.target_modules)
@@ -341,7 +358,14 @@ def test_ddp_cpu_fits_lora_on_two_processes(make_cfg, tmp_path):
 
     # The preset expects torchrun to start the ranks (tests/test_distributed.py); here Lightning spawns
     # them, so that the trained weights come back to this process.
-    cfg = make_cfg("trainer=ddp_cpu", "+trainer.strategy.start_method=spawn", "trainer.max_steps=2", "model=hf", f"model.name_or_path={TINYLLAMA}", embedded=False)
+    cfg = make_cfg(
+        "trainer=ddp_cpu",
+        "+trainer.strategy.start_method=spawn",
+        "trainer.max_steps=2",
+        "model=hf",
+        f"model.name_or_path={TINYLLAMA}",
+        embedded=False,
+    )
     base = instantiate(model_source(cfg)).load()
     pairs = [Pair(str(i), f"Once upon a time {i}", " there was a cat.") for i in range(16)]
     data = PairDataModule(base.tokenizer, pairs, pairs[:4], batch_size=4, max_length=64, seed=0)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from laffi_exp.feedback.simulated import RuleBasedAnnotator, SimulatedHuman
-from laffi_exp.stages.evaluate import reflected_answer
 from laffi_exp.core.prompts import Prompter, parse_feedback
 from laffi_exp.core.records import QAExample
+from laffi_exp.feedback.simulated import RuleBasedAnnotator, SimulatedHuman
+from laffi_exp.stages.evaluate import reflected_answer
 
-EX = QAExample(id="a1", title="t", context="Ana Lo was born in 1901. Ana Lo married Ivo Ru.", question="Who did Ana Lo marry?", answers=("Ivo Ru",), answer_starts=(40,))
+EX = QAExample(
+    id="a1",
+    title="t",
+    context="Ana Lo was born in 1901. Ana Lo married Ivo Ru.",
+    question="Who did Ana Lo marry?",
+    answers=("Ivo Ru",),
+    answer_starts=(40,),
+)
 NOANS = QAExample(id="a2", title="t", context=EX.context, question="When did Ana Lo die?", answers=())
 
 
@@ -46,8 +53,13 @@ def test_no_answer_phrases_are_configurable():
 @pytest.mark.parametrize("seed", range(6))
 def test_simulated_human_feedback_parses_to_its_judgement(seed):
     human = SimulatedHuman(seed=seed)
-    cases = [(EX, "Ivo Ru", "correct", None), (EX, "1901", "incorrect", "Ivo Ru"), (EX, "", "incorrect", "Ivo Ru"),
-             (NOANS, "", "correct", None), (NOANS, "1901", "no_answer", "")]
+    cases = [
+        (EX, "Ivo Ru", "correct", None),
+        (EX, "1901", "incorrect", "Ivo Ru"),
+        (EX, "", "incorrect", "Ivo Ru"),
+        (NOANS, "", "correct", None),
+        (NOANS, "1901", "no_answer", ""),
+    ]
     for ex, pred, verdict, correction in cases:
         text = human.annotate(ex, pred)
         assert parse_feedback(text) == (verdict, correction), text
@@ -82,8 +94,12 @@ def test_reflect_rule():
 
 
 def _train(n: int) -> list[QAExample]:
-    return [QAExample(f"t{i}", "t", "Word " * (5 + i % 17) + f"fact {i}.", f"What is fact {i}?", (f"fact {i}",) if i % 3 else ())
-            for i in range(n)]
+    return [
+        QAExample(
+            f"t{i}", "t", "Word " * (5 + i % 17) + f"fact {i}.", f"What is fact {i}?", (f"fact {i}",) if i % 3 else ()
+        )
+        for i in range(n)
+    ]
 
 
 def test_shots_come_from_the_given_split_half_unanswerable_and_only_in_answer_prompts():
@@ -115,7 +131,7 @@ def test_windowing_counts_the_shots(tmp_path):
             return out
 
     long = QAExample("l", "t", "x" * 300, "What?", ())
-    plain, n_plain = fit_contexts([long], Chars(), Prompter(), 400, around_answer=False)
+    _plain, n_plain = fit_contexts([long], Chars(), Prompter(), 400, around_answer=False)
     fewshot = Prompter(shots=2).with_shots(_train(50))[0]
     shortened, n_short = fit_contexts([long], Chars(), fewshot, 400, around_answer=False)
     assert (n_plain, n_short) == (0, 1) and len(fewshot.answer_prompt(shortened[0])) <= 400

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from laffi_exp.report import main
 from laffi_exp.runs.jobs import find_job_dirs
 from laffi_exp.runs.paired import PAIRED_COLUMNS, question_scores
 from laffi_exp.runs.report import RESULTS_LEAD, ReportCallback, build_report, summary_columns
-from laffi_exp.report import main
-from laffi_exp.scoring.stats import bootstrap_ci, mean_std_ci, t_quantile_975
 from laffi_exp.scoring.squad_metrics import golds_from_dataset, score_examples
+from laffi_exp.scoring.stats import bootstrap_ci, mean_std_ci, t_quantile_975
 
 T1 = 12.7062047361747  # t(0.975, df=1): two seeds
 
@@ -34,8 +34,16 @@ EVAL_DATA = {
                 {
                     "context": "Paris is the capital of France. The blue whale is the largest animal. It was 1990.",
                     "qas": [
-                        {"id": "q1", "question": "Capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
-                        {"id": "q2", "question": "Largest animal?", "answers": [{"text": "blue whale", "answer_start": 36}]},
+                        {
+                            "id": "q1",
+                            "question": "Capital of France?",
+                            "answers": [{"text": "Paris", "answer_start": 0}],
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Largest animal?",
+                            "answers": [{"text": "blue whale", "answer_start": 36}],
+                        },
                         {"id": "q3", "question": "Which year?", "answers": [{"text": "1990", "answer_start": 78}]},
                         {"id": "q4", "question": "Capital of Mars?", "answers": [], "is_impossible": True},
                     ],
@@ -64,8 +72,12 @@ def _metrics(exact: float, base: float, reflect: float | None) -> dict:
     for prefix, e in (("base", base), ("test", exact), ("test_reflect", reflect)):
         if e is not None:
             metrics |= {
-                f"{prefix}/exact": e, f"{prefix}/f1": e + 5, f"{prefix}/HasAns_exact": e - 10,
-                f"{prefix}/HasAns_f1": e - 4, f"{prefix}/NoAns_exact": e + 10, f"{prefix}/NoAns_f1": e + 10,
+                f"{prefix}/exact": e,
+                f"{prefix}/f1": e + 5,
+                f"{prefix}/HasAns_exact": e - 10,
+                f"{prefix}/HasAns_f1": e - 4,
+                f"{prefix}/NoAns_exact": e + 10,
+                f"{prefix}/NoAns_f1": e + 10,
                 f"{prefix}/total": 4,
             }
     return metrics | {"time/seconds": 12.5, "train/examples": 24}
@@ -91,7 +103,11 @@ def make_sweep(root: Path, with_sft: bool = True) -> Path:
     """Jobs 0-5: laffi at ratios 0/0.5/1 x seeds 0/1; method=sft/0-1: sft (nested, as with a Hydra
     subdir); 6: crashed (config, no metrics)."""
     for num, ((ratio, seed), exact) in enumerate(LAFFI_EXACT.items()):
-        preds = {"predictions.json": LAFFI_PREDS[seed], "reflect_predictions.json": REFLECT_PREDS, "base_predictions.json": BASE_PREDS}
+        preds = {
+            "predictions.json": LAFFI_PREDS[seed],
+            "reflect_predictions.json": REFLECT_PREDS,
+            "base_predictions.json": BASE_PREDS,
+        }
         metrics = _metrics(exact, BASE_EXACT[seed], exact + 2) | {"feedback/human_share": ratio}
         _job(root, str(num), _config("laffi", ratio, seed), metrics, preds)
     # Job 3 (ratio 0.5, seed 1) has only Hydra's own config, with an interpolation that cannot resolve
@@ -265,11 +281,19 @@ def test_cli_prints_the_table_and_writes_to_out(report, tmp_path, capsys, caplog
     assert main([str(report.sweep_dir), "--out", str(tmp_path / "out")]) == 0
     assert "| laffi | 100% | reflect |" in (printed := capsys.readouterr().out) and "wrote:" in printed
     assert "without metrics.json" in caplog.text  # the crashed job, as a warning
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.csv", "summary.csv", "paired.csv", "ablation.png", "results.md"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "results.csv",
+        "summary.csv",
+        "paired.csv",
+        "ablation.png",
+        "results.md",
+    }
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "laffi_exp.report", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "laffi_exp.report", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_dir_is_one_clear_line(tmp_path):
@@ -283,7 +307,9 @@ def test_cli_bad_dir_is_one_clear_line(tmp_path):
 def test_callback_builds_the_report_and_never_raises(tmp_path, caplog):
     sweep = make_sweep(tmp_path / "sweep")
     ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
-    assert {"results.csv", "summary.csv", "paired.csv", "ablation.png", "results.md"} <= {p.name for p in sweep.iterdir()}
+    assert {"results.csv", "summary.csv", "paired.csv", "ablation.png", "results.md"} <= {
+        p.name for p in sweep.iterdir()
+    }
     assert "without metrics.json" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.ERROR):
@@ -291,7 +317,7 @@ def test_callback_builds_the_report_and_never_raises(tmp_path, caplog):
     assert "Sweep report FAILED" in caplog.text and "sweep dir not found" in caplog.text
 
 
-APP = '''
+APP = """
 import json
 from pathlib import Path
 
@@ -307,7 +333,7 @@ def app(cfg):
 
 
 app()
-'''
+"""
 APP_CONFIG = """
 seed: 0
 method: {name: laffi}
@@ -327,7 +353,10 @@ def test_callback_hooked_into_a_real_hydra_multirun(tmp_path):
     (tmp_path / "app.yaml").write_text(APP_CONFIG.replace("SWEEP", str(sweep)))
     proc = subprocess.run(
         [sys.executable, "app.py", "-m", "feedback.human_ratio=0,1", "seed=0,1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r["human_ratio"], r["protocol"]): r for r in read_csv(sweep / "summary.csv")}

@@ -26,7 +26,8 @@ class Killed(RuntimeError):
 
 def _stage_files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / "stages" / "adapters").glob("*/*") if p.is_file()} | {
-        p.name: p.read_bytes() for p in (root / "stages" / "adapters").glob("*/adapter/*")}
+        p.name: p.read_bytes() for p in (root / "stages" / "adapters").glob("*/adapter/*")
+    }
 
 
 def _result(root: Path, metrics: dict) -> tuple[dict, dict[str, bytes]]:
@@ -41,14 +42,27 @@ def uninterrupted(tmp_path_factory, cache_dir):
 
     root = tmp_path_factory.mktemp("uninterrupted")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, *RESUMABLE, f"paths.cache_dir={cache_dir}",
-                                                       f"paths.output_dir={root / 'run'}", f"cache.dir={root / 'stages'}"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                *TINY,
+                *RESUMABLE,
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={root / 'run'}",
+                f"cache.dir={root / 'stages'}",
+            ],
+        )
     return _result(root, run(cfg))
 
 
-@pytest.mark.parametrize("killed_at", [pytest.param(5, marks=pytest.mark.slow), 7, pytest.param(10, marks=pytest.mark.slow)],
-                         ids=["mid-epoch", "after-an-epoch-and-a-validation", "last-step"])
-def test_a_killed_training_resumes_and_ends_as_the_uninterrupted_one(killed_at, uninterrupted, make_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "killed_at",
+    [pytest.param(5, marks=pytest.mark.slow), 7, pytest.param(10, marks=pytest.mark.slow)],
+    ids=["mid-epoch", "after-an-epoch-and-a-validation", "last-step"],
+)
+def test_a_killed_training_resumes_and_ends_as_the_uninterrupted_one(
+    killed_at, uninterrupted, make_cfg, tmp_path, monkeypatch
+):
     step = LoRAFineTuner.training_step
 
     def dies(self, batch, batch_idx):
@@ -73,13 +87,28 @@ def test_a_killed_training_resumes_and_ends_as_the_uninterrupted_one(killed_at, 
 # -- The command itself, killed for real ----------------------------------------------------------------
 # The shipped embedded base, 64 training questions in batches of 16 (4 an epoch), 100 steps, a checkpoint
 # every 5; small held-out splits so that the training is most of the run.
-COMMAND = ["dataset.num_train=64", "dataset.num_val=16", "dataset.num_eval=32", "trainer.max_steps=100",
-           "trainer.val_check_interval=25", "cache.checkpoint_every=5", "trainer.enable_progress_bar=false", "logger=csv"]
+COMMAND = [
+    "dataset.num_train=64",
+    "dataset.num_val=16",
+    "dataset.num_eval=32",
+    "trainer.max_steps=100",
+    "trainer.val_check_interval=25",
+    "cache.checkpoint_every=5",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
 
 
 def _start(root: Path, cache_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "laffi_exp", *COMMAND, f"paths.cache_dir={cache_dir}", f"cache.dir={root / 'stages'}",
-           f"hydra.run.dir={root / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laffi_exp",
+        *COMMAND,
+        f"paths.cache_dir={cache_dir}",
+        f"cache.dir={root / 'stages'}",
+        f"hydra.run.dir={root / 'run'}",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -91,9 +120,14 @@ def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
 
 def _outcome(root: Path) -> tuple[dict, dict[str, bytes]]:
     metrics = json.loads((root / "run" / "metrics.json").read_text())
-    files = {str(p.relative_to(root / "stages")): p.read_bytes() for p in sorted((root / "stages").rglob("*"))
-             if p.is_file() and "checkpoints" not in p.parts and not p.name.endswith(".lock")
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)}  # a killed run's temp folders
+    files = {
+        str(p.relative_to(root / "stages")): p.read_bytes()
+        for p in sorted((root / "stages").rglob("*"))
+        if p.is_file()
+        and "checkpoints" not in p.parts
+        and not p.name.endswith(".lock")
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }  # a killed run's temp folders
     return {k: v for k, v in metrics.items() if not k.startswith("time/")}, files
 
 
@@ -142,7 +176,9 @@ def test_sigkill_at_60_percent_of_training_resumes_to_the_same_run_in_half_the_t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly_then_the_run_resumes(signum, whole_run, tmp_path, cache_dir):
+def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly_then_the_run_resumes(
+    signum, whole_run, tmp_path, cache_dir
+):
     _, whole, _ = whole_run
     proc = _start(tmp_path, cache_dir)
     while _step(tmp_path) < 20 and proc.poll() is None:
@@ -177,8 +213,12 @@ def test_sigkill_at_any_moment_then_the_same_command_gives_the_same_run(share, w
 
 
 def _generations(stages: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(stages)): p.read_bytes() for kind in ("generations", "likelihoods")
-            for p in sorted((stages / kind).glob("*/*")) if p.is_file()}
+    return {
+        str(p.relative_to(stages)): p.read_bytes()
+        for kind in ("generations", "likelihoods")
+        for p in sorted((stages / kind).glob("*/*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -186,7 +226,11 @@ def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cf
     import laffi_exp.stages.setup as stage_setup
 
     small = ["generation.batch_size=4", "trainer.max_steps=2"]  # 24 training questions: 6 batches, 6 chunks
-    whole = run(make_cfg(*small, "cache.chunk_batches=0", f"cache.dir={tmp_path / 'whole'}", f"paths.output_dir={tmp_path / 'w'}"))
+    whole = run(
+        make_cfg(
+            *small, "cache.chunk_batches=0", f"cache.dir={tmp_path / 'whole'}", f"paths.output_dir={tmp_path / 'w'}"
+        )
+    )
     generate, calls = stage_setup.generate, []
 
     def dies(*args, **kwargs):
@@ -196,7 +240,12 @@ def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cf
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(stage_setup, "generate", dies)
-    chunked = [*small, "cache.chunk_batches=1", f"cache.dir={tmp_path / 'chunked'}", f"paths.output_dir={tmp_path / 'c'}"]
+    chunked = [
+        *small,
+        "cache.chunk_batches=1",
+        f"cache.dir={tmp_path / 'chunked'}",
+        f"paths.output_dir={tmp_path / 'c'}",
+    ]
     with pytest.raises(Killed):
         run(make_cfg(*chunked))
     partial = list((tmp_path / "chunked" / "partial" / "generations").glob("*/chunk-*.json"))
@@ -205,7 +254,9 @@ def test_a_killed_generation_stage_resumes_at_its_first_unfinished_chunk(make_cf
     with caplog.at_level("INFO", logger="laffi_exp.stages.cache"):
         again = run(make_cfg(*chunked))
     assert "3 of 6 chunks already done" in caplog.text
-    assert {k: v for k, v in again.items() if not k.startswith("time/")} == {k: v for k, v in whole.items() if not k.startswith("time/")}
+    assert {k: v for k, v in again.items() if not k.startswith("time/")} == {
+        k: v for k, v in whole.items() if not k.startswith("time/")
+    }
     # every generation and likelihood stage file, byte for byte (chunked or not, killed or not)
     assert _generations(tmp_path / "chunked") == _generations(tmp_path / "whole")
     assert not list((tmp_path / "chunked" / "partial").rglob("chunk-*"))

@@ -15,9 +15,9 @@ import pytest
 from hydra.utils import instantiate
 
 from laffi_exp.core.config import validate
+from laffi_exp.core.errors import ConfigError
 from laffi_exp.data.squad import DEV_FILE, TRAIN_FILE, SquadJSON, SquadV2
 from laffi_exp.data.squad_format import examples_from_squad, load_squad_file
-from laffi_exp.core.errors import ConfigError
 
 from .conftest import SQUAD_DEV, needs
 
@@ -86,7 +86,11 @@ def _tiny_squad():
                     {
                         "context": "Paris is in France.",
                         "qas": [
-                            {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
+                            {
+                                "id": "q1",
+                                "question": "Where is Paris?",
+                                "answers": [{"text": "France", "answer_start": 12}],
+                            },
                             {"id": "q2", "question": "Who?", "answers": [], "is_impossible": True},
                         ],
                     }
@@ -104,13 +108,31 @@ def test_examples_from_squad_reads_answers_and_squad_v1_files():
 
 
 MALFORMED = {
-    "duplicate_id": (lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(id="q1"), "duplicate question id 'q1' at data[0].paragraphs[0].qas[1]"),
-    "bad_answer_start": (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start=3), "question 'q1': answer_start 3"),
-    "answer_without_start": (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].pop("answer_start"), "'q1'.*'answer_start'"),
+    "duplicate_id": (
+        lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(id="q1"),
+        "duplicate question id 'q1' at data[0].paragraphs[0].qas[1]",
+    ),
+    "bad_answer_start": (
+        lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start=3),
+        "question 'q1': answer_start 3",
+    ),
+    "answer_without_start": (
+        lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].pop("answer_start"),
+        "'q1'.*'answer_start'",
+    ),
     "missing_qas": (lambda d: d["data"][0]["paragraphs"][0].pop("qas"), "data[0].paragraphs[0] has no 'qas'"),
-    "missing_context": (lambda d: d["data"][0]["paragraphs"][0].pop("context"), "data[0].paragraphs[0] has no 'context'"),
-    "missing_id": (lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("id"), "data[0].paragraphs[0].qas[1]: a question has no 'id'"),
-    "missing_question": (lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("question"), "question 'q2'.*no 'question'"),
+    "missing_context": (
+        lambda d: d["data"][0]["paragraphs"][0].pop("context"),
+        "data[0].paragraphs[0] has no 'context'",
+    ),
+    "missing_id": (
+        lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("id"),
+        "data[0].paragraphs[0].qas[1]: a question has no 'id'",
+    ),
+    "missing_question": (
+        lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("question"),
+        "question 'q2'.*no 'question'",
+    ),
     "missing_paragraphs": (lambda d: d["data"][0].pop("paragraphs"), "data[0] has no 'paragraphs'"),
     "missing_data": (lambda d: d.pop("data"), "'data' list"),
 }
@@ -205,7 +227,10 @@ def test_squad_v1_file_without_is_impossible_counts_as_answerable(tmp_path):
     [
         ({"num_eval": 10_000}, r"dataset\.num_eval: 10000 questions asked for, but data\.json has only 268 "),
         ({"num_eval": 230, "num_val": 60}, r"dataset\.num_val: 60 .* left after the test split have only \d+ "),
-        ({"num_eval": 150, "num_val": 50, "num_train": 100}, r"dataset\.num_train: 100 .* left after the test and validation splits have only \d+ "),
+        (
+            {"num_eval": 150, "num_val": 50, "num_train": 100},
+            r"dataset\.num_train: 100 .* left after the test and validation splits have only \d+ ",
+        ),
     ],
     ids=["num_eval", "num_val", "num_train"],
 )
@@ -290,7 +315,9 @@ def test_offline_and_absent_is_one_error_naming_the_file_and_folder(tmp_path, of
     # without the train file, split_by=file cannot work offline (auto falls back to the article split)
     write(folder / DEV_FILE, make_squad(20, prefix="d"))
     SquadV2(path=str(folder), cache_dir=str(cache)).check()
-    with pytest.raises(ConfigError, match=f"{TRAIN_FILE} is missing.*{_pattern(str(folder / TRAIN_FILE))}.*split_by=article"):
+    with pytest.raises(
+        ConfigError, match=f"{TRAIN_FILE} is missing.*{_pattern(str(folder / TRAIN_FILE))}.*split_by=article"
+    ):
         SquadV2(path=str(folder), cache_dir=str(cache), split_by="file").check()
     assert not cache.exists()  # nothing was attempted
 
@@ -320,12 +347,16 @@ def test_with_both_files_train_comes_from_train_and_test_from_dev(tmp_path, offl
     splits = ds.splits()
     assert ds.split_by_used == "file"
     ids = ds.chosen_ids()
-    assert all(i.startswith("t") for i in ids["train"] + ids["validation"]) and all(i.startswith("d") for i in ids["test"])
+    assert all(i.startswith("t") for i in ids["train"] + ids["validation"]) and all(
+        i.startswith("d") for i in ids["test"]
+    )
     assert_disjoint_articles(splits)
     assert_stratified(splits["train"], train)
     assert_stratified(splits["validation"], train)
     assert_stratified(splits["test"], dev)
-    forced = SquadV2(path=str(tmp_path), cache_dir=str(tmp_path / "cache"), split_by="article", num_train=50, num_val=20, num_eval=40)
+    forced = SquadV2(
+        path=str(tmp_path), cache_dir=str(tmp_path / "cache"), split_by="article", num_train=50, num_val=20, num_eval=40
+    )
     forced.splits()
     assert forced.split_by_used == "article" and all(i.startswith("d") for v in forced.chosen_ids().values() for i in v)
 
@@ -355,9 +386,13 @@ def test_squad_v2_on_the_shared_dev_file_offline(tmp_path, offline):
 )
 def test_cli_style_bad_settings_fail_in_check(make_cfg, override, needle):
     cfg = make_cfg("dataset=squad_v2", override)
-    with pytest.raises(ConfigError, match=needle):  # in the config's validation or the dataset's check
+
+    def validate_and_check():
         validate(cfg)
         instantiate(cfg.dataset).check()
+
+    with pytest.raises(ConfigError, match=needle):  # in the config's validation or the dataset's check
+        validate_and_check()
 
 
 def test_composed_default_reads_the_cache_folder(make_cfg, cache_dir, offline):
@@ -423,7 +458,9 @@ def test_an_absent_train_file_is_downloaded_into_the_cache(tmp_path, online, ser
     server.routes["/files/" + TRAIN_FILE] = ("ok", body)
     write(tmp_path / "squad" / DEV_FILE, make_squad(20, prefix="d"))
     cache = tmp_path / "cache"
-    settings = dict(path=str(tmp_path / "squad"), cache_dir=str(cache), base_url=server.url, num_train=30, num_val=10, num_eval=20)
+    settings = dict(
+        path=str(tmp_path / "squad"), cache_dir=str(cache), base_url=server.url, num_train=30, num_val=10, num_eval=20
+    )
     ds = SquadV2(**settings)
     ds.check()
     splits = ds.splits()
@@ -442,7 +479,9 @@ def test_a_transfer_cut_short_leaves_no_file(tmp_path, online, server):
     cache = tmp_path / "cache"
     ds = SquadV2(cache_dir=str(cache), base_url=server.url, split_by="article")
     ds.check()
-    with pytest.raises(ConfigError, match=f"{DEV_FILE} is missing.*download from {server.url}{DEV_FILE} failed.*closed after"):
+    with pytest.raises(
+        ConfigError, match=f"{DEV_FILE} is missing.*download from {server.url}{DEV_FILE} failed.*closed after"
+    ):
         ds.splits()
     assert not cache.exists() or list(cache.iterdir()) == []
 

@@ -28,8 +28,12 @@ DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" 
 def squad_data(golds: dict[str, list[str]]) -> list[dict]:
     """A SQuAD ``data`` list with one question per gold entry, split over two articles."""
     qas = [
-        {"id": qid, "question": "?", "answers": [{"text": t, "answer_start": 0} for t in answers],
-         "is_impossible": not answers}
+        {
+            "id": qid,
+            "question": "?",
+            "answers": [{"text": t, "answer_start": 0} for t in answers],
+            "is_impossible": not answers,
+        }
         for qid, answers in golds.items()
     ]
     half = len(qas) // 2
@@ -123,9 +127,15 @@ def test_hasans_noans_split():
     # q4 answered an unanswerable one (0, 0).
     result = score_examples(SPLIT_GOLDS, SPLIT_PREDS)
     assert list(result) == [
-        "exact", "f1", "total",
-        "HasAns_exact", "HasAns_f1", "HasAns_total",
-        "NoAns_exact", "NoAns_f1", "NoAns_total",
+        "exact",
+        "f1",
+        "total",
+        "HasAns_exact",
+        "HasAns_f1",
+        "HasAns_total",
+        "NoAns_exact",
+        "NoAns_f1",
+        "NoAns_total",
     ]
     assert result["exact"] == 50.0
     assert result["f1"] == pytest.approx(100 * (1 + 1 + 2 / 3 + 0) / 4)
@@ -138,9 +148,21 @@ def test_hasans_noans_split():
 
 def test_split_keys_only_for_non_empty_splits():
     assert list(score_examples({"a": ["x"], "b": ["y"]}, {"a": "x", "b": "z"})) == [
-        "exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total",
+        "exact",
+        "f1",
+        "total",
+        "HasAns_exact",
+        "HasAns_f1",
+        "HasAns_total",
     ]
-    assert list(score_examples({"a": []}, {"a": ""})) == ["exact", "f1", "total", "NoAns_exact", "NoAns_f1", "NoAns_total"]
+    assert list(score_examples({"a": []}, {"a": ""})) == [
+        "exact",
+        "f1",
+        "total",
+        "NoAns_exact",
+        "NoAns_f1",
+        "NoAns_total",
+    ]
 
 
 def test_evaluate_on_squad_json_agrees_with_score_examples():
@@ -256,11 +278,21 @@ def test_cli_prints_official_json(files, capsys):
 
 def test_cli_na_probs_and_out_file(files, capsys):
     out_file = files["dir"] / "sub" / "eval.json"
-    argv = [files["data"], files["preds"], "--na-prob-file", files["na"], "--na-prob-thresh", "0.5", "--out-file", str(out_file)]
+    argv = [
+        files["data"],
+        files["preds"],
+        "--na-prob-file",
+        files["na"],
+        "--na-prob-thresh",
+        "0.5",
+        "--out-file",
+        str(out_file),
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out == ""
-    expected = evaluate(json.loads(Path(files["data"]).read_text())["data"],
-                        {"q1": "paris", "q2": "x"}, {"q1": 0.2, "q2": 0.7}, 0.5)
+    expected = evaluate(
+        json.loads(Path(files["data"]).read_text())["data"], {"q1": "paris", "q2": "x"}, {"q1": 0.2, "q2": 0.7}, 0.5
+    )
     assert expected["exact"] == 100.0  # q2 (0.7 > 0.5) becomes a right "no answer"
     assert out_file.read_text() == json.dumps(expected)  # compact, no newline, like json.dump
 
@@ -303,11 +335,19 @@ def test_cli_bad_input(files, capsys, which, content, expected):
 
 def test_cli_runs_as_module(files):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    ok = subprocess.run([sys.executable, "-m", "laffi_exp.score", files["data"], files["preds"]],
-                        capture_output=True, text=True, env=env)
+    ok = subprocess.run(
+        [sys.executable, "-m", "laffi_exp.score", files["data"], files["preds"]],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["total"] == 2
-    bad = subprocess.run([sys.executable, "-m", "laffi_exp.score", files["data"], str(files["dir"] / "nope.json")],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "laffi_exp.score", files["data"], str(files["dir"] / "nope.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and "nope.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -323,7 +363,7 @@ def dev_data():
 
 def test_dev_all_empty_predictions(dev_data):
     golds = golds_from_dataset(dev_data)
-    result = evaluate(dev_data, {qid: "" for qid in golds})
+    result = evaluate(dev_data, dict.fromkeys(golds, ""))
     # Exactly the share of unanswerable questions, 5945 / 11873, as the official script prints it.
     assert result["exact"] == result["f1"] == 50.07159100480081 == 100.0 * 5945 / 11873
     assert (result["total"], result["HasAns_total"], result["NoAns_total"]) == (11873, 5928, 5945)

@@ -4,7 +4,6 @@ for free while a changed one is refused."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from laffi_exp.stages.cache import StageCache
 from laffi_exp.core.config import CONF_DIR
 from laffi_exp.core.io import read_json, read_jsonl
 from laffi_exp.pipeline import run
+from laffi_exp.stages.cache import StageCache
 
 from .conftest import TINY
 
@@ -28,8 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _sweep(name: str, sweep_dir: Path, cache_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     tiny = [o for o in TINY if not o.startswith("logger=")]  # the experiments' own loggers (csv + offline wandb)
-    cmd = [sys.executable, "-m", "laffi_exp", f"+experiment={name}", *tiny, f"paths.cache_dir={cache_dir}",
-           f"hydra.sweep.dir={sweep_dir}", "seed=0,1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laffi_exp",
+        f"+experiment={name}",
+        *tiny,
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "seed=0,1",
+        *extra,
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -57,7 +65,10 @@ def test_every_experiment_runs_tiny_and_reports(name, tmp_path, cache_dir):
     assert all(list((sweep / c / "wandb").glob("offline-run-*")) for c in expected)
     if name == "ablation_ratio":
         for seed in (0, 1):  # nested human sets across the jobs of one sweep
-            low, high = _human_ids(sweep / f"laffi_ratio0.25_seed{seed}"), _human_ids(sweep / f"laffi_ratio1_seed{seed}")
+            low, high = (
+                _human_ids(sweep / f"laffi_ratio0.25_seed{seed}"),
+                _human_ids(sweep / f"laffi_ratio1_seed{seed}"),
+            )
             assert low and low < high
         # SFT ignores the ratio: its cells of one seed share one trained adapter.
         a = read_json(sweep / "sft_ratio0.25_seed0" / "manifest.json")["stages"]["train"]
@@ -94,14 +105,27 @@ def test_cache_keys_change_when_and_only_when_they_should(make_cfg, tmp_path):
     assert not any(_events(tmp_path / "a").values())  # a fresh cache: everything computed
 
     # Display-only settings: everything comes from the cache.
-    run(make_cfg(*shared, f"paths.output_dir={tmp_path / 'b'}", "evaluation.num_samples_logged=3", "trainer.log_every_n_steps=2"))
+    run(
+        make_cfg(
+            *shared,
+            f"paths.output_dir={tmp_path / 'b'}",
+            "evaluation.num_samples_logged=3",
+            "trainer.log_every_n_steps=2",
+        )
+    )
     assert all(_events(tmp_path / "b").values())
 
     # Another human share: the base's answers are reused; training and what follows are not.
     run(make_cfg(*shared, f"paths.output_dir={tmp_path / 'c'}", "feedback.human_ratio=1.0"))
     assert _events(tmp_path / "c") == {
-        "answer_train": True, "answer_validation": True, "train": False, "base_test": True, "test": False, "reflect": False,
-        "base_na_probs": True, "na_probs": False,
+        "answer_train": True,
+        "answer_validation": True,
+        "train": False,
+        "base_test": True,
+        "test": False,
+        "reflect": False,
+        "base_na_probs": True,
+        "na_probs": False,
     }
 
     # Another seed: same base answers (greedy), new adapter.
@@ -115,7 +139,13 @@ def test_cache_keys_change_when_and_only_when_they_should(make_cfg, tmp_path):
 
     # SFT: never answers the training questions; shares the base evaluation.
     run(make_cfg(*shared, f"paths.output_dir={tmp_path / 'f'}", "method=sft"))
-    assert _events(tmp_path / "f") == {"train": False, "base_test": True, "test": False, "base_na_probs": True, "na_probs": False}
+    assert _events(tmp_path / "f") == {
+        "train": False,
+        "base_test": True,
+        "test": False,
+        "base_na_probs": True,
+        "na_probs": False,
+    }
 
 
 def _build_once(root: str, marker: str) -> str:
@@ -168,9 +198,19 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
-    cmd = [sys.executable, "-m", "laffi_exp", "+experiment=ablation_ratio", "hydra/launcher=slurm",
-           "hydra.launcher.partition=gpu-a100", "hydra.launcher.timeout_min=600", "hydra.launcher.gpus_per_node=4",
-           "trainer=gpu", "--cfg", "hydra"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laffi_exp",
+        "+experiment=ablation_ratio",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu-a100",
+        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.gpus_per_node=4",
+        "trainer=gpu",
+        "--cfg",
+        "hydra",
+    ]
     shown = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     import yaml
@@ -181,8 +221,8 @@ def test_the_slurm_preset_takes_partition_gpus_and_time_from_config(tmp_path):
 
 
 def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
-    from laffi_exp.runs import sweep
     from laffi_exp.core.errors import ConfigError
+    from laffi_exp.runs import sweep
 
     data = tmp_path / "data.json"
     data.write_text('{"data": []}')
@@ -197,12 +237,14 @@ def test_an_edited_input_file_makes_a_finished_cell_refused(make_cfg, tmp_path):
 
 
 def test_a_second_job_in_the_same_folder_stops_at_once(tmp_path):
-    from laffi_exp.runs import sweep
     from laffi_exp.core.errors import ConfigError
+    from laffi_exp.runs import sweep
 
-    with sweep.claim(tmp_path / "cell"):
-        with pytest.raises(ConfigError, match="another job is running in this folder"):
-            with sweep.claim(tmp_path / "cell"):
-                pass
+    with (
+        sweep.claim(tmp_path / "cell"),
+        pytest.raises(ConfigError, match="another job is running in this folder"),
+        sweep.claim(tmp_path / "cell"),
+    ):
+        pass
     with sweep.claim(tmp_path / "cell"):  # released when the first job ends
         pass

@@ -19,16 +19,31 @@ def tokenizer():
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["Context: a b c. Question: who? Answer: Bob Feedback: Correct."] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        ["Context: a b c. Question: who? Answer: Bob Feedback: Correct."] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    )
 
 
 PAIRS = [Pair(f"p{i}", f"Context: a b c {'d ' * i}. Question: who?", " Bob Feedback: Correct.") for i in range(8)]
@@ -62,15 +77,27 @@ def test_loss_ignores_prompt_and_padding_tokens(tokenizer):
 def test_lora_parameters_change_and_base_weights_stay_frozen(tokenizer, tmp_path):
     pl.seed_everything(0)
     model = tiny_llama(len(tokenizer))
-    module = LoRAFineTuner(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
-                           lambda params: torch.optim.AdamW(params, lr=1e-2))
+    module = LoRAFineTuner(
+        model,
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+        lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     dm = PairDataModule(tokenizer, PAIRS, PAIRS[:2], batch_size=4, max_length=128, seed=0)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     lora = [n for n in before if "lora_" in n]
-    assert lora and all(not torch.equal(before[n], dict(module.model.named_parameters())[n]) for n in lora if "lora_B" in n)
+    assert lora and all(
+        not torch.equal(before[n], dict(module.model.named_parameters())[n]) for n in lora if "lora_B" in n
+    )
     frozen = [n for n in before if "lora_" not in n]
     after = dict(module.model.named_parameters())
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
@@ -78,7 +105,9 @@ def test_lora_parameters_change_and_base_weights_stay_frozen(tokenizer, tmp_path
 
 
 def test_too_long_examples_are_dropped_and_counted(tokenizer):
-    dm = PairDataModule(tokenizer, PAIRS, PAIRS[:1], batch_size=2, max_length=len(encode_pair(tokenizer, PAIRS[3])[0]), seed=0)
+    dm = PairDataModule(
+        tokenizer, PAIRS, PAIRS[:1], batch_size=2, max_length=len(encode_pair(tokenizer, PAIRS[3])[0]), seed=0
+    )
     assert len(dm.train_set) == 4 and dm.train_set.dropped == 4
     with pytest.raises(ValueError, match="max_length"):
         PairDataModule(tokenizer, PAIRS, PAIRS, batch_size=2, max_length=3, seed=0)
@@ -92,10 +121,20 @@ def _tiny(arch: str, vocab: int):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     # Soft-capping and a tied embedding: code after the head that the target-only loss must keep.
-    return Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, sliding_window=8, final_logit_softcapping=5.0,
-    ))
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=8,
+            final_logit_softcapping=5.0,
+        )
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -103,8 +142,11 @@ def test_target_only_head_gives_the_full_logits_loss_and_gradients(tokenizer, ar
     from laffi_exp.stages.train_module import head_at_targets_works, target_loss
 
     model = _tiny(arch, len(tokenizer))
-    peft_model = LoRAFineTuner(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
-                               lambda p: torch.optim.AdamW(p)).model
+    peft_model = LoRAFineTuner(
+        model,
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+        torch.optim.AdamW,
+    ).model
     for n, p in peft_model.named_parameters():  # LoRA B starts at zero: move it so every gradient path is live
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
@@ -162,15 +204,29 @@ def test_micro_batches_give_the_whole_batch_gradient_in_one_optimizer_step(token
     parts = micro_batches(batch, max_tokens=budget)
     assert len(parts) == 3 and sum(len(p["input_ids"]) for p in parts) == 5
     assert all(p["input_ids"].numel() <= budget for p in parts)
-    assert sum(int(p["attention_mask"].sum()) for p in parts) == int(batch["attention_mask"].sum())  # only padding is cut
+    assert sum(int(p["attention_mask"].sum()) for p in parts) == int(
+        batch["attention_mask"].sum()
+    )  # only padding is cut
 
     def train(micro):
         pl.seed_everything(0)
-        module = LoRAFineTuner(tiny_llama(len(tokenizer)), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
-                               lambda params: torch.optim.AdamW(params, lr=1e-2), micro_batch_tokens=micro)
+        module = LoRAFineTuner(
+            tiny_llama(len(tokenizer)),
+            LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+            lambda params: torch.optim.AdamW(params, lr=1e-2),
+            micro_batch_tokens=micro,
+        )
         dm = PairDataModule(tokenizer, PAIRS, PAIRS[:2], batch_size=4, max_length=128, seed=0)
-        trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer = pl.Trainer(
+            max_steps=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            gradient_clip_val=1.0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(module, datamodule=dm)
         return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 

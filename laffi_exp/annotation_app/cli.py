@@ -7,13 +7,13 @@ import argparse
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from laffi_exp.core.args import ArgumentParser  # one line and exit code 2 for a bad command line, as `export` has
 from laffi_exp.annotation_app.batch import read_batch
 from laffi_exp.annotation_app.export import CHOICES, REPORT_NAME, export_db
 from laffi_exp.annotation_app.store import Store
+from laffi_exp.core.args import ArgumentParser  # one line and exit code 2 for a bad command line, as `export` has
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.prompts import NO_ANSWER_TEXT
 
@@ -178,15 +178,16 @@ def check_against_run(path: Path, overrides: Sequence[str]) -> str:
     from hydra.utils import instantiate
     from omegaconf.errors import OmegaConfBaseException
 
-    from laffi_exp.feedback.hybrid import human_ids_by_split
     from laffi_exp.core.config import CONF_DIR, validate
+    from laffi_exp.feedback.hybrid import human_ids_by_split
     from laffi_exp.stages.answer import stage1_answers
 
     run_dir = "paths.output_dir=outputs/${task_name}/exports/${now:%Y-%m-%d_%H-%M-%S}"  # as `export` does
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(
-                config_name="config", overrides=[run_dir, *overrides, "feedback/human=file", f"feedback.human.path={path.resolve()}"]
+                config_name="config",
+                overrides=[run_dir, *overrides, "feedback/human=file", f"feedback.human.path={path.resolve()}"],
             )
         validate(cfg)
         pool = instantiate(cfg.feedback.human)

@@ -10,10 +10,10 @@ from typing import Any
 
 from laffi_exp.annotation_app.store import Store
 from laffi_exp.core.errors import ConfigError
-from laffi_exp.feedback.report import annotation_time, human_agreement
-from laffi_exp.feedback.human import read_rows
 from laffi_exp.core.io import atomic_write_text, write_json
 from laffi_exp.core.prompts import parse_feedback
+from laffi_exp.feedback.human import read_rows
+from laffi_exp.feedback.report import annotation_time, human_agreement
 
 CHOICES = ("majority", "first", "all")
 REPORT_NAME = "annotation_report.json"

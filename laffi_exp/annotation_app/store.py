@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from laffi_exp.annotation_app.batch import Batch, Item
 from laffi_exp.core.errors import ConfigError

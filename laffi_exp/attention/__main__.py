@@ -7,8 +7,8 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from laffi_exp.core.args import ArgumentParser
 from laffi_exp.core.errors import ConfigError
@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Where fine-tuning moved the model's attention: base (adapter disabled) vs fine-tuned on a "
         "finished run's held-out prompts. Writes RUN_DIR/attention/. Defaults: the run's analysis.attention_* keys.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", type=Path,
-                   help="a finished run dir (outputs/laffi/runs/<time>, a sweep cell)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", type=Path, help="a finished run dir (outputs/laffi/runs/<time>, a sweep cell)"
+    )
     p.add_argument("--num", type=int, help="held-out prompts to analyse, a fixed seeded subset (default 128)")
     p.add_argument("--layers", nargs="+", metavar="L", help="layers to analyse, e.g. 0,2 5-7 -1 (default: all)")
     p.add_argument("--window", type=int, help="local window w: keys at distance < w (default 8)")
@@ -66,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers = parse_layers(args.layers) if args.layers is not None else None
         check_run_dir(args.run_dir)
         options = options_from_config(
-            OmegaConf.load(args.run_dir / "config.yaml"), num=args.num, window=args.window, far=args.far, layers=layers,
-            seed=args.seed, batch_size=args.batch_size, examples=args.examples, device=args.device,
+            OmegaConf.load(args.run_dir / "config.yaml"),
+            num=args.num,
+            window=args.window,
+            far=args.far,
+            layers=layers,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            examples=args.examples,
+            device=args.device,
         )
         from transformers.utils import logging as hf_logging
 

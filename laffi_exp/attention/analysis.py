@@ -15,10 +15,11 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from laffi_exp.attention.measures import MEASURES, SCOPES, head_measures
 from laffi_exp.attention.segments import PROMPTS, SegmentedPrompt, segment_prompt
-from laffi_exp.data.squad_format import examples_from_squad
-from laffi_exp.data.window import fit_contexts
 from laffi_exp.core.config import model_source
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.io import read_json
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import QAExample
+from laffi_exp.data.squad_format import examples_from_squad
+from laffi_exp.data.window import fit_contexts
+from laffi_exp.models.padding import pad
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +209,9 @@ def eager_attention(model) -> Iterator[None]:
     if previous != "eager":
         inner.set_attn_implementation("eager")
     if inner.config._attn_implementation != "eager":
-        raise ConfigError(f"{type(inner).__name__}: cannot switch to eager attention, so no attention weights can be "
-                          "read")
+        raise ConfigError(
+            f"{type(inner).__name__}: cannot switch to eager attention, so no attention weights can be read"
+        )
     try:
         yield
     finally:
@@ -300,12 +303,7 @@ def collect(
         order = sorted(range(len(prompts)), key=lambda i: prompts[i].length)
         for start in range(0, len(order), batch_size):
             batch[:] = order[start : start + batch_size]
-            width = max(prompts[i].length for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, i in enumerate(batch):
-                input_ids[b, : prompts[i].length] = torch.tensor(prompts[i].input_ids)
-                attention_mask[b, : prompts[i].length] = 1
+            input_ids, attention_mask = pad([prompts[i].input_ids for i in batch], pad_id)
             masks[:] = [{k: torch.from_numpy(m).to(device) for k, m in prompts[i].masks.items()} for i in batch]
             model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **extra)
     finally:
@@ -352,7 +350,13 @@ def analyze(run: LoadedRun, options: Options) -> Analysis:
                 log.info("Attention: %s prompt, %s model, %d prompts", kind, name, len(chosen))
                 with model.disable_adapter() if name == "base" else contextlib.nullcontext():
                     values[(kind, name)], maps[(kind, name)] = collect(
-                        model, prompts[kind], layers, options.window, options.far, options.batch_size, example_indices,
+                        model,
+                        prompts[kind],
+                        layers,
+                        options.window,
+                        options.far,
+                        options.batch_size,
+                        example_indices,
                         pad_id,
                     )
     return Analysis(
@@ -370,4 +374,3 @@ def analyze(run: LoadedRun, options: Options) -> Analysis:
         maps=maps,
         seconds=round(time.time() - started, 1),
     )
-

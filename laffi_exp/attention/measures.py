@@ -25,7 +25,7 @@ mass on the sink) is left out of that row set's mean.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

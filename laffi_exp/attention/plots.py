@@ -54,8 +54,16 @@ def plot_layers(analysis: Analysis, path: Path) -> Path:
                 if np.all(np.isnan(y)):
                     continue
                 err = np.nan_to_num(np.stack([y - low[:, s, m], high[:, s, m] - y]))
-                ax.errorbar(x + offset, y, yerr=err, marker="o", markersize=3, capsize=2, color=COLORS[name],
-                            label=name.replace("_", "-"))
+                ax.errorbar(
+                    x + offset,
+                    y,
+                    yerr=err,
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    color=COLORS[name],
+                    label=name.replace("_", "-"),
+                )
             if not ax.has_data():
                 ax.text(0.5, 0.5, "not in this prompt", ha="center", va="center", transform=ax.transAxes, color="0.5")
             if m == 0:
@@ -68,8 +76,9 @@ def plot_layers(analysis: Analysis, path: Path) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("layer")
         ax.set_xticks(analysis.layers)
-    fig.suptitle(f"{_run(analysis)}: attention per layer (mean over heads), {len(analysis.ids)} prompts, "
-                 "mean and 95% CI")
+    fig.suptitle(
+        f"{_run(analysis)}: attention per layer (mean over heads), {len(analysis.ids)} prompts, mean and 95% CI"
+    )
     return _save(fig, path)
 
 
@@ -84,8 +93,9 @@ def plot_heads_delta(analysis: Analysis, path: Path) -> Path:
     axes = fig.subplots(len(HEADLINE), len(PANELS), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.9, bottom=0.06, top=0.93, wspace=0.25, hspace=0.45)
     # (layers, scopes, measures, heads) per prompt: the mean over prompts of the per-prompt difference
-    delta = {kind: _nanmean(analysis.values[(kind, "fine_tuned")] - analysis.values[(kind, "base")], 0)
-             for kind in PROMPTS}
+    delta = {
+        kind: _nanmean(analysis.values[(kind, "fine_tuned")] - analysis.values[(kind, "base")], 0) for kind in PROMPTS
+    }
     for r, measure in enumerate(HEADLINE):
         grids = [delta[kind][:, SCOPES.index(scope), MEASURES.index(measure), :] for kind, scope in PANELS]
         finite = [np.abs(g[~np.isnan(g)]) for g in grids]
@@ -102,8 +112,7 @@ def plot_heads_delta(analysis: Analysis, path: Path) -> Path:
             if r == len(HEADLINE) - 1:
                 ax.set_xlabel("head")
         fig.colorbar(image, ax=list(axes[r]), fraction=0.02, pad=0.01)
-    fig.suptitle(f"{_run(analysis)}: fine-tuned − base per layer and head "
-                 f"(mean over {len(analysis.ids)} prompts)")
+    fig.suptitle(f"{_run(analysis)}: fine-tuned − base per layer and head (mean over {len(analysis.ids)} prompts)")
     return _save(fig, path)
 
 
@@ -163,8 +172,10 @@ def plot_example(analysis: Analysis, index: int, path: Path) -> Path:
         fig.colorbar(image, ax=list(axes[r]), fraction=0.03, pad=0.02, label="attention (√ scale)")
     first = analysis.prompts[PROMPTS[0]][index]
     asked = "".join(first.text[s:e] for s, e in first.spans.get("question", [])[:1])
-    fig.suptitle(f"{_run(analysis)}, question {analysis.ids[index]}: {asked[:100]}"
-                 + (" (gold span: orange)" if analysis.answerable[index] else " (unanswerable)"))
+    fig.suptitle(
+        f"{_run(analysis)}, question {analysis.ids[index]}: {asked[:100]}"
+        + (" (gold span: orange)" if analysis.answerable[index] else " (unanswerable)")
+    )
     return _save(fig, path)
 
 

@@ -16,8 +16,9 @@ import csv
 import io
 import logging
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,8 +108,18 @@ def summary_rows(analysis: Analysis) -> Iterator[list[Any]]:
                 for s, scope in enumerate(SCOPES):
                     for m, measure in enumerate(MEASURES):
                         if n[s, m]:
-                            yield [kind, scope, layer, head, model, measure, int(n[s, m]),
-                                   fmt(mean[s, m]), fmt(low[s, m]), fmt(high[s, m])]
+                            yield [
+                                kind,
+                                scope,
+                                layer,
+                                head,
+                                model,
+                                measure,
+                                int(n[s, m]),
+                                fmt(mean[s, m]),
+                                fmt(low[s, m]),
+                                fmt(high[s, m]),
+                            ]
 
 
 def paired_rows(analysis: Analysis) -> list[dict[str, Any]]:
@@ -124,8 +135,20 @@ def paired_rows(analysis: Analysis) -> list[dict[str, Any]]:
                 for m, measure in enumerate(MEASURES):
                     n, mean_f, mean_b, diff, low, high = paired_bootstrap(f[:, s, m], b[:, s, m])
                     if n:
-                        rows.append(dict(prompt=kind, scope=scope, layer=layer, measure=measure, n=n, base=mean_b,
-                                         fine_tuned=mean_f, diff=diff, ci_low=low, ci_high=high))
+                        rows.append(
+                            dict(
+                                prompt=kind,
+                                scope=scope,
+                                layer=layer,
+                                measure=measure,
+                                n=n,
+                                base=mean_b,
+                                fine_tuned=mean_f,
+                                diff=diff,
+                                ci_low=low,
+                                ci_high=high,
+                            )
+                        )
     return rows
 
 
@@ -156,10 +179,12 @@ def markdown(analysis: Analysis, paired: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"# Attention analysis: {analysis.run_dir.name}",
         "",
-        f"{analysis.method} run on {analysis.model_name}: {n} held-out prompts ({k} answerable, seed {o.seed}), "
-        f"layers {layers} of the model ({len(analysis.layers)} analysed x {analysis.heads} heads), local window "
-        f"w = {o.window}, far threshold T = {o.far} tokens. Eager attention. base: the same model with the "
-        "adapter disabled; both read the same tokens (the feedback prompt shows the fine-tuned model's prediction).",
+        (
+            f"{analysis.method} run on {analysis.model_name}: {n} held-out prompts ({k} answerable, seed {o.seed}), "
+            f"layers {layers} of the model ({len(analysis.layers)} analysed x {analysis.heads} heads), local window "
+            f"w = {o.window}, far threshold T = {o.far} tokens. Eager attention. base: the same model with the "
+            "adapter disabled; both read the same tokens (the feedback prompt shows the fine-tuned model's prediction)."
+        ),
     ]
     means = {}
     for kind in PROMPTS:
@@ -167,13 +192,26 @@ def markdown(analysis: Analysis, paired: Sequence[dict[str, Any]]) -> str:
             stats = t_interval(overall(analysis.values[(kind, name)]))
             means[(kind, name)] = stats
     for kind in PROMPTS:
-        lines += ["", f"## {kind.capitalize()} prompt", "",
-                  "| measure | positions | base | fine-tuned | fine-tuned − base [95% CI] | n |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## {kind.capitalize()} prompt",
+            "",
+            "| measure | positions | base | fine-tuned | fine-tuned − base [95% CI] | n |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for m, measure in enumerate(MEASURES):
             for s, scope in enumerate(SCOPES):
-                row = next((r for r in paired if r["prompt"] == kind and r["layer"] == "mean" and r["scope"] == scope
-                            and r["measure"] == measure), None)
+                row = next(
+                    (
+                        r
+                        for r in paired
+                        if r["prompt"] == kind
+                        and r["layer"] == "mean"
+                        and r["scope"] == scope
+                        and r["measure"] == measure
+                    ),
+                    None,
+                )
                 if row is None:
                     continue
                 cells = []
@@ -181,16 +219,19 @@ def markdown(analysis: Analysis, paired: Sequence[dict[str, Any]]) -> str:
                     _, mean, low, high = means[(kind, name)]
                     half = (high[s, m] - low[s, m]) / 2
                     cells.append(f"{_value(measure, mean[s, m])} ± {_value(measure, half)}")
-                diff = (f"{_value(measure, row['diff'], True)} [{_value(measure, row['ci_low'], True)}, "
-                        f"{_value(measure, row['ci_high'], True)}]")
+                diff = (
+                    f"{_value(measure, row['diff'], True)} [{_value(measure, row['ci_low'], True)}, "
+                    f"{_value(measure, row['ci_high'], True)}]"
+                )
                 lines.append(f"| {measure} | {SCOPE_LABELS[scope]} | {cells[0]} | {cells[1]} | {diff} | {row['n']} |")
     lines += [
         "",
         "Mean over the analysed layers and heads, per prompt; base and fine-tuned: mean over prompts ± 95% CI "
         "half-width (Student t); the difference: per prompt, percentile bootstrap over prompts. Masses are shares "
         "of a query's attention (0-1), distance is in tokens, entropy in nats. Definitions: README, \"Attention "
-        "analysis\". Per layer: `layers.png`, `paired.csv`; per head: `heads_delta.png`, `summary.csv`"
-        + "".join(f"; example: `example_{safe_name(analysis.ids[i])}.png`" for i in analysis.example_indices) + ".",
+        'analysis". Per layer: `layers.png`, `paired.csv`; per head: `heads_delta.png`, `summary.csv`'
+        + "".join(f"; example: `example_{safe_name(analysis.ids[i])}.png`" for i in analysis.example_indices)
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -211,8 +252,20 @@ def read_summary(path: Path) -> dict[tuple[str, str, str, str], float]:
 
 
 SWEEP_MODELS = ("base", "fine_tuned", "delta")
-SWEEP_COLUMNS = ["method", "human_ratio", "prompt", "scope", "measure", "n", "seeds", "base_mean",
-                 "fine_tuned_mean", "fine_tuned_ci95", "delta_mean", "delta_ci95"]
+SWEEP_COLUMNS = [
+    "method",
+    "human_ratio",
+    "prompt",
+    "scope",
+    "measure",
+    "n",
+    "seeds",
+    "base_mean",
+    "fine_tuned_mean",
+    "fine_tuned_ci95",
+    "delta_mean",
+    "delta_ci95",
+]
 
 
 def sweep_rows(jobs: Sequence[Any], notes: list[str] | None = None) -> list[dict[str, Any]]:
@@ -246,22 +299,44 @@ def sweep_rows(jobs: Sequence[Any], notes: list[str] | None = None) -> list[dict
                         series.setdefault(key, {}).setdefault(job.seed, []).append(got)
     rows = []
     order = {"sft": 0, "laffi": 1}
+
     def position(key: tuple) -> tuple:
         method, ratio, kind, scope, measure = key
-        return (order.get(method, 2), method, -1.0 if ratio is None else ratio, PROMPTS.index(kind),
-                SCOPES.index(scope), HEADLINE.index(measure))
+        return (
+            order.get(method, 2),
+            method,
+            -1.0 if ratio is None else ratio,
+            PROMPTS.index(kind),
+            SCOPES.index(scope),
+            HEADLINE.index(measure),
+        )
 
     for key in sorted(series, key=position):
         by_seed = series[key]
-        per_seed = {s: {m: float(np.mean([g[m] for g in got if g[m] is not None])) for m in SWEEP_MODELS}
-                    for s, got in sorted(by_seed.items())}
+        per_seed = {
+            s: {m: float(np.mean([g[m] for g in got if g[m] is not None])) for m in SWEEP_MODELS}
+            for s, got in sorted(by_seed.items())
+        }
         base, _, _ = mean_std_ci([v["base"] for v in per_seed.values()])
         tuned, _, tuned_ci = mean_std_ci([v["fine_tuned"] for v in per_seed.values()])
         delta, _, delta_ci = mean_std_ci([v["delta"] for v in per_seed.values()])
         method, ratio, kind, scope, measure = key
-        rows.append(dict(method=method, human_ratio=ratio, prompt=kind, scope=scope, measure=measure,
-                         n=len(per_seed), seeds=" ".join(map(str, per_seed)), base_mean=base, fine_tuned_mean=tuned,
-                         fine_tuned_ci95=tuned_ci, delta_mean=delta, delta_ci95=delta_ci))
+        rows.append(
+            dict(
+                method=method,
+                human_ratio=ratio,
+                prompt=kind,
+                scope=scope,
+                measure=measure,
+                n=len(per_seed),
+                seeds=" ".join(map(str, per_seed)),
+                base_mean=base,
+                fine_tuned_mean=tuned,
+                fine_tuned_ci95=tuned_ci,
+                delta_mean=delta,
+                delta_ci95=delta_ci,
+            )
+        )
     return rows
 
 
@@ -274,9 +349,13 @@ def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
     headline measure, fine-tuned − base as mean over seeds ± 95% CI half-width."""
     if not rows:
         return ""
-    lines = ["", "## Attention: fine-tuned − base", "",
-             "| method | human share | prompt | positions | " + " | ".join(f"Δ {m}" for m in HEADLINE) + " | n |",
-             "|---|---:|---|---|" + "---:|" * (len(HEADLINE) + 1)]
+    lines = [
+        "",
+        "## Attention: fine-tuned − base",
+        "",
+        "| method | human share | prompt | positions | " + " | ".join(f"Δ {m}" for m in HEADLINE) + " | n |",
+        "|---|---:|---|---|" + "---:|" * (len(HEADLINE) + 1),
+    ]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["human_ratio"], r["prompt"], r["scope"]), {})[r["measure"]] = r
@@ -292,6 +371,11 @@ def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
         n = max(r["n"] for r in by_measure.values())
         share = "—" if ratio is None else f"{ratio * 100:g}%"
         lines.append(f"| {method} | {share} | {kind} | {SCOPE_LABELS[scope]} | " + " | ".join(cells) + f" | {n} |")
-    lines += ["", "Each job's `attention/summary.csv` (mean over layers, heads and its held-out prompts); mean over "
-              "seeds ± 95% CI half-width (Student t), n = seeds. Base and fine-tuned values: `attention.csv`."]
+    lines += [
+        "",
+        (
+            "Each job's `attention/summary.csv` (mean over layers, heads and its held-out prompts); mean over "
+            "seeds ± 95% CI half-width (Student t), n = seeds. Base and fine-tuned values: `attention.csv`."
+        ),
+    ]
     return "\n".join(lines) + "\n"

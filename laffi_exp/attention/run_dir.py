@@ -10,17 +10,37 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from laffi_exp.attention.analysis import OUT_DIR, Analysis, Options, analyze, check_run_dir, load_run, options_from_config
 from laffi_exp.attention import plots
-from laffi_exp.attention.report import PAIRED_COLUMNS, SUMMARY_COLUMNS, csv_text, fmt, markdown, paired_rows, summary_rows
+from laffi_exp.attention.analysis import (
+    OUT_DIR,
+    Analysis,
+    Options,
+    analyze,
+    check_run_dir,
+    load_run,
+    options_from_config,
+)
+from laffi_exp.attention.report import (
+    PAIRED_COLUMNS,
+    SUMMARY_COLUMNS,
+    csv_text,
+    fmt,
+    markdown,
+    paired_rows,
+    summary_rows,
+)
 from laffi_exp.core.io import atomic_write_text, read_json, write_json
 from laffi_exp.core.prompts import Prompter
 
 log = logging.getLogger(__name__)
 
 
-def analyze_run_dir(run_dir: str | Path, options: Options | None = None, out_dir: str | Path | None = None,
-                    loaded: tuple[Any, Any, Prompter] | None = None) -> tuple[Analysis, list[Path]]:
+def analyze_run_dir(
+    run_dir: str | Path,
+    options: Options | None = None,
+    out_dir: str | Path | None = None,
+    loaded: tuple[Any, Any, Prompter] | None = None,
+) -> tuple[Analysis, list[Path]]:
     """The whole analysis of one finished run dir; writes ``RUN_DIR/attention/`` (or ``out_dir``) and
     returns the analysis and the files written. ``options`` default to the run's ``analysis`` keys."""
     run_dir = Path(run_dir)
@@ -30,8 +50,13 @@ def analyze_run_dir(run_dir: str | Path, options: Options | None = None, out_dir
     run = load_run(run_dir, options.device, loaded)
     analysis = analyze(run, options)
     files = write_outputs(analysis, Path(out_dir) if out_dir is not None else run_dir / OUT_DIR)
-    log.info("Attention analysis of %s: %d prompts in %.0f s; wrote %s", run_dir, len(analysis.ids), analysis.seconds,
-             ", ".join(p.name for p in files))
+    log.info(
+        "Attention analysis of %s: %d prompts in %.0f s; wrote %s",
+        run_dir,
+        len(analysis.ids),
+        analysis.seconds,
+        ", ".join(p.name for p in files),
+    )
     return analysis, files
 
 
@@ -64,20 +89,24 @@ def write_outputs(analysis: Analysis, out: Path) -> list[Path]:
     paired_cells = ([fmt(r[c]) if isinstance(r[c], float) else r[c] for c in PAIRED_COLUMNS] for r in paired)
     files.append(atomic_write_text(out / "paired.csv", csv_text(PAIRED_COLUMNS, paired_cells)))
     files.append(atomic_write_text(out / "summary.md", markdown(analysis, paired)))
-    files.append(write_json(out / "analysis.json", {
-        "run_dir": str(analysis.run_dir),
-        "method": analysis.method,
-        "model": analysis.model_name,
-        "options": analysis.options.recorded(),
-        "layers": analysis.layers,
-        "heads": analysis.heads,
-        "prompts": len(analysis.ids),
-        "answerable": sum(analysis.answerable),
-        "ids": analysis.ids,
-        "examples": [analysis.ids[i] for i in analysis.example_indices],
-        "attn_implementation": "eager",
-        "seconds": analysis.seconds,
-    }))
+    files.append(
+        write_json(
+            out / "analysis.json",
+            {
+                "run_dir": str(analysis.run_dir),
+                "method": analysis.method,
+                "model": analysis.model_name,
+                "options": analysis.options.recorded(),
+                "layers": analysis.layers,
+                "heads": analysis.heads,
+                "prompts": len(analysis.ids),
+                "answerable": sum(analysis.answerable),
+                "ids": analysis.ids,
+                "examples": [analysis.ids[i] for i in analysis.example_indices],
+                "attn_implementation": "eager",
+                "seconds": analysis.seconds,
+            },
+        )
+    )
     files += plots.write_plots(analysis, out)
     return files
-

@@ -6,8 +6,8 @@ through the tokenizer's offset mapping."""
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def gold_span(ex: QAExample) -> Span | None:
         return None
     text = ex.answers[0]
     start = ex.answer_starts[0] if ex.answer_starts else -1
-    if not (0 <= start and ex.context[start : start + len(text)] == text):
+    if not (start >= 0 and ex.context[start : start + len(text)] == text):
         start = ex.context.find(text)
     return (start, start + len(text)) if start >= 0 and text else None
 
@@ -88,8 +88,9 @@ def prompt_spans(
     # A chat template wraps the rendered prompt; it is found verbatim inside the wrapped text.
     shift = text.find(inner)
     if shift < 0:
-        raise ConfigError(f"question {ex.id!r}: the {kind} prompt does not contain its rendered template; "
-                          "cannot find its segments")
+        raise ConfigError(
+            f"question {ex.id!r}: the {kind} prompt does not contain its rendered template; cannot find its segments"
+        )
     spans = {name: [(s + shift, e + shift) for s, e in found] for name, found in spans.items()}
     gold = gold_span(ex)
     if gold is not None:
@@ -121,8 +122,9 @@ def segment_prompt(tokenizer, prompter: Prompter, kind: str, ex: QAExample, pred
     """The prompt, tokenized as generation tokenizes it (special tokens added), with its segment masks."""
     text, spans = prompt_spans(prompter, kind, ex, prediction)
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"{type(tokenizer).__name__}: the attention analysis needs a fast tokenizer "
-                          "(offset mappings)")
+        raise ConfigError(
+            f"{type(tokenizer).__name__}: the attention analysis needs a fast tokenizer (offset mappings)"
+        )
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     return SegmentedPrompt(ex.id, kind, text, list(enc["input_ids"]), spans, token_masks(offsets, spans))

@@ -15,10 +15,18 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # package data: found i
 # Keys that change no result: where things go, how they are shown or logged, how an endpoint is reached.
 # The stage cache leaves them out of its keys and a re-run sweep out of the comparison of configs.
 NO_RESULT_GROUPS = ("paths", "logger", "cache", "hydra", "analysis")  # analysis: reads a finished run
-NO_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger", "default_root_dir")
+NO_RESULT_TRAINER_KEYS = (
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "logger",
+    "default_root_dir",
+)
 NO_RESULT_LEAVES = ("cache_dir", "convert_dir", "num_samples_logged", *NO_RESULT_TRAINER_KEYS[:3])  # at any depth
 TRANSPORT_KEYS = (  # how an endpoint or a download is reached (not what it answers)
-    "feedback.synthetic.max_concurrency", "feedback.synthetic.max_retries", "feedback.synthetic.timeout",
+    "feedback.synthetic.max_concurrency",
+    "feedback.synthetic.max_retries",
+    "feedback.synthetic.timeout",
     "dataset.download_timeout",
 )
 
@@ -38,7 +46,11 @@ def model_source(cfg: DictConfig) -> dict[str, Any]:
 def flatten(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """A nested dict as flat ``a.b.c`` keys (``sep`` between the parts, ``prefix`` before them all)."""
     if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{sep}{key}" if prefix else str(key), sep).items()}
+        return {
+            k: v
+            for key, child in node.items()
+            for k, v in flatten(child, f"{prefix}{sep}{key}" if prefix else str(key), sep).items()
+        }
     return {prefix: node}
 
 
@@ -74,7 +86,9 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "feedback.human_ratio", 0.0, 1.0)
     _number(cfg, "feedback.overlap_ratio", 0.0, 1.0)
     if cfg.feedback.human.get("on_missing", "error") not in ("error", "synthetic"):
-        raise ConfigError(f"feedback.human.on_missing: expected 'error' or 'synthetic', got {cfg.feedback.human.on_missing!r}")
+        raise ConfigError(
+            f"feedback.human.on_missing: expected 'error' or 'synthetic', got {cfg.feedback.human.on_missing!r}"
+        )
     for key in ("dataset.num_train", "dataset.num_eval"):
         _number(cfg, key, 1, float("inf"), integer=True)
     _number(cfg, "method.batch_size", 1, float("inf"), integer=True)
@@ -91,10 +105,14 @@ def validate(cfg: DictConfig) -> None:
     _templates(cfg)
     _writable(cfg, "paths.cache_dir")
     if not isinstance(cfg.method.get("trains_on_feedback"), bool):
-        raise ConfigError(f"method.trains_on_feedback: expected true or false, got {cfg.method.get('trains_on_feedback')!r}")
+        raise ConfigError(
+            f"method.trains_on_feedback: expected true or false, got {cfg.method.get('trains_on_feedback')!r}"
+        )
     unknown = set(cfg.evaluation.protocols) - {"direct", "reflect"}
     if unknown:
-        raise ConfigError(f"evaluation.protocols: unknown protocol(s) {sorted(unknown)}; expected direct and/or reflect")
+        raise ConfigError(
+            f"evaluation.protocols: unknown protocol(s) {sorted(unknown)}; expected direct and/or reflect"
+        )
     if cfg.cache.on_changed not in ("error", "rerun"):
         raise ConfigError(f"cache.on_changed: expected 'error' or 'rerun', got {cfg.cache.on_changed!r}")
     for key in ("cache.checkpoint_every", "cache.chunk_batches"):
@@ -103,7 +121,9 @@ def validate(cfg: DictConfig) -> None:
     if "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")) and OmegaConf.select(
         cfg, "model.load_in_4bit", default=False
     ):
-        raise ConfigError("trainer=fsdp with model.load_in_4bit: FSDP does not shard 4-bit weights; use trainer=ddp for QLoRA")
+        raise ConfigError(
+            "trainer=fsdp with model.load_in_4bit: FSDP does not shard 4-bit weights; use trainer=ddp for QLoRA"
+        )
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and max_steps != -1:
         _number(cfg, "trainer.max_steps", 1, float("inf"), integer=True)
@@ -116,7 +136,9 @@ def _lora(cfg: DictConfig) -> None:
     _number(cfg, "method.lora.lora_dropout", 0.0, 0.999999)
     targets = OmegaConf.select(cfg, "method.lora.target_modules")
     if targets is not None and not (isinstance(targets, str) or len(targets) > 0):
-        raise ConfigError("method.lora.target_modules: expected module names (e.g. [q_proj, v_proj]), got an empty list")
+        raise ConfigError(
+            "method.lora.target_modules: expected module names (e.g. [q_proj, v_proj]), got an empty list"
+        )
 
 
 def _optimizer(cfg: DictConfig) -> None:
@@ -134,7 +156,10 @@ def _optimizer(cfg: DictConfig) -> None:
         raise ConfigError(f"method.optimizer: {str(err).strip().splitlines()[0]}") from None
 
 
-TEMPLATE_FIELDS = {"answer_template": ("context", "question"), "feedback_template": ("context", "question", "prediction")}
+TEMPLATE_FIELDS = {
+    "answer_template": ("context", "question"),
+    "feedback_template": ("context", "question", "prediction"),
+}
 
 
 def _templates(cfg: DictConfig) -> None:
@@ -144,13 +169,16 @@ def _templates(cfg: DictConfig) -> None:
         if not isinstance(template, str):
             raise ConfigError(f"prompt.{key}: expected a text, got {template!r}")
         try:
-            template.format(**{f: "x" for f in fields})
+            template.format(**dict.fromkeys(fields, "x"))
         except KeyError as err:
             raise ConfigError(
-                f"prompt.{key}: unknown field {{{err.args[0]}}}; the fields are {', '.join('{' + f + '}' for f in fields)}"
+                f"prompt.{key}: unknown field {{{err.args[0]}}}; "
+                f"the fields are {', '.join('{' + f + '}' for f in fields)}"
             ) from None
         except (IndexError, ValueError) as err:
-            raise ConfigError(f"prompt.{key}: not a format string ({err}); write a literal brace as {{{{ or }}}}") from None
+            raise ConfigError(
+                f"prompt.{key}: not a format string ({err}); write a literal brace as {{{{ or }}}}"
+            ) from None
 
 
 def _writable(cfg: DictConfig, key: str) -> None:

@@ -39,9 +39,14 @@ def folder_fingerprint(path: str | Path) -> dict:
     snapshot folder also names its commit). Content hashing would cost minutes for a 7B model."""
     root = Path(path)
     files = sorted(
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
-    return {"path": str(root.resolve()), "files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {
+        "path": str(root.resolve()),
+        "files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
 
 
 def weights_fingerprint(path: str | None, cache_dir: str | None = None) -> dict | None:
@@ -79,6 +84,9 @@ def code_versions() -> dict[str, str]:
     import laffi_exp
 
     return {
-        "laffi_exp": laffi_exp.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "pytorch_lightning": pytorch_lightning.__version__,
+        "laffi_exp": laffi_exp.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
     }

@@ -6,8 +6,9 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 def _to_jsonable(obj: Any) -> Any:

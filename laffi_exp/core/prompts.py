@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Sequence
 
 from laffi_exp.core.hashing import unit_hash
 from laffi_exp.core.records import QAExample
@@ -63,9 +63,11 @@ class Prompter:
         return self.wrap(prompt) if self.wrap is not None else prompt
 
     def answer_prompt(self, ex: QAExample) -> str:
-        return self._wrap(self.instruction + self.prefix + self.answer_template.format(context=ex.context, question=ex.question))
+        return self._wrap(
+            self.instruction + self.prefix + self.answer_template.format(context=ex.context, question=ex.question)
+        )
 
-    def with_shots(self, train: Sequence[QAExample]) -> tuple["Prompter", list[str]]:
+    def with_shots(self, train: Sequence[QAExample]) -> tuple[Prompter, list[str]]:
         """This prompter with its ``shots`` rendered as the prefix of every answer prompt, and their ids.
         The shots come from ``train`` only (never the test split): of 64 candidates drawn by a hash of
         (shot_seed, id), the shortest passages, half of them unanswerable (a base model learns from them
@@ -75,11 +77,15 @@ class Prompter:
         seed = self.shot_seed
         ranked = sorted(train, key=lambda ex: unit_hash(seed, "shot", ex.id))[:64]
         n_unanswerable = self.shots // 2
-        chosen = [ex for ex in sorted(ranked, key=lambda ex: len(ex.context)) if ex.answers][: self.shots - n_unanswerable]
+        chosen = [ex for ex in sorted(ranked, key=lambda ex: len(ex.context)) if ex.answers][
+            : self.shots - n_unanswerable
+        ]
         chosen += [ex for ex in sorted(ranked, key=lambda ex: len(ex.context)) if not ex.answers][:n_unanswerable]
         chosen.sort(key=lambda ex: unit_hash(seed, "shot", ex.id))
         prefix = "".join(
-            self.answer_template.format(context=ex.context, question=ex.question) + self.answer_target(ex.gold) + self.shot_separator
+            self.answer_template.format(context=ex.context, question=ex.question)
+            + self.answer_target(ex.gold)
+            + self.shot_separator
             for ex in chosen
         )
         return dataclasses.replace(self, prefix=prefix), [ex.id for ex in chosen]

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.data.base import SIZE_KEYS, DataSource, check_sizes
-from laffi_exp.data.squad_format import answers_of, download, drop_bad_answers, load_squad_file, offline, offline_settings
+from laffi_exp.data.squad_format import (
+    answers_of,
+    download,
+    drop_bad_answers,
+    load_squad_file,
+    offline,
+    offline_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +76,11 @@ class _SquadSource(DataSource):
         squad, skipped = drop_bad_answers(squad, str(path), self.on_bad_answer)
         if skipped:
             log.warning(
-                "%s: skipped %d question(s) whose answers do not match their context (dataset.on_bad_answer=skip), e.g. %s",
-                path, len(skipped), ", ".join(skipped[:5]),
+                "%s: skipped %d question(s) whose answers do not match their context "
+                "(dataset.on_bad_answer=skip), e.g. %s",
+                path,
+                len(skipped),
+                ", ".join(skipped[:5]),
             )
         self.skipped_ids += skipped
         self.files.append(str(path))
@@ -216,16 +226,29 @@ class SquadV2(_SquadSource):
         self._check_settings()
         if self.split_by not in ("auto", "file", "article"):
             raise ConfigError(f"dataset.split_by: expected 'auto', 'file' or 'article', got {self.split_by!r}")
-        if isinstance(self.download_timeout, bool) or not isinstance(self.download_timeout, (int, float)) or self.download_timeout <= 0:
-            raise ConfigError(f"dataset.download_timeout: expected a number of seconds > 0, got {self.download_timeout!r}")
+        if (
+            isinstance(self.download_timeout, bool)
+            or not isinstance(self.download_timeout, (int, float))
+            or self.download_timeout <= 0
+        ):
+            raise ConfigError(
+                f"dataset.download_timeout: expected a number of seconds > 0, got {self.download_timeout!r}"
+            )
         if self.path and not Path(self.path).expanduser().is_dir():
             raise ConfigError(
-                f"dataset.path: {self.path!r} is not a folder (expected the folder holding {TRAIN_FILE} and/or {DEV_FILE})"
+                f"dataset.path: {self.path!r} is not a folder "
+                f"(expected the folder holding {TRAIN_FILE} and/or {DEV_FILE})"
             )
-        if self.cache_dir and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
+        if (
+            self.cache_dir
+            and Path(self.cache_dir).expanduser().exists()
+            and not Path(self.cache_dir).expanduser().is_dir()
+        ):
             raise ConfigError(f"dataset.cache_dir: {self.cache_dir!r} exists but is not a folder")
         if not self.path and not self.cache_dir:
-            raise ConfigError("dataset.path / dataset.cache_dir: set at least one folder to read the SQuAD 2.0 files from")
+            raise ConfigError(
+                "dataset.path / dataset.cache_dir: set at least one folder to read the SQuAD 2.0 files from"
+            )
         if offline():
             needed = [DEV_FILE] + ([TRAIN_FILE] if self.split_by == "file" else [])
             for file in needed:
@@ -270,7 +293,9 @@ class SquadV2(_SquadSource):
             raise self._missing(file, f"the download from {url} failed ({err})") from err
 
     def _missing(self, file: str, reason: str) -> ConfigError:
-        folders = " or ".join(f"{key} ({d})" for key, d in (("dataset.path", self.path), ("dataset.cache_dir", self.cache_dir)) if d)
+        folders = " or ".join(
+            f"{key} ({d})" for key, d in (("dataset.path", self.path), ("dataset.cache_dir", self.cache_dir)) if d
+        )
         target = Path(self.path or self.cache_dir).expanduser() / file
         hint = f"; or set dataset.split_by=article to use only {DEV_FILE}" if file == TRAIN_FILE else ""
         return ConfigError(

@@ -8,9 +8,9 @@ import json
 import logging
 import os
 import urllib.request
+from collections.abc import Iterator
 from http.client import HTTPException
 from pathlib import Path
-from typing import Iterator
 
 from laffi_exp.core.env import env_true
 from laffi_exp.core.errors import ConfigError
@@ -20,7 +20,10 @@ from laffi_exp.core.records import QAExample
 log = logging.getLogger(__name__)
 
 # md5 of the official releases (the values torchtext publishes; dev measured in shared/data/squad_v2).
-OFFICIAL_MD5 = {"dev-v2.0.json": "246adae8b7002f8679c027697b0b7cf8", "train-v2.0.json": "62108c273c268d70893182d5cf8df740"}
+OFFICIAL_MD5 = {
+    "dev-v2.0.json": "246adae8b7002f8679c027697b0b7cf8",
+    "train-v2.0.json": "62108c273c268d70893182d5cf8df740",
+}
 OFFLINE_VARIABLES = ("LAFFI_OFFLINE", "HF_HUB_OFFLINE")
 
 
@@ -32,9 +35,9 @@ def load_squad_file(path: str | Path) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _walk(squad: dict, source: str) -> Iterator[tuple[int, int, dict, str | None]]:
@@ -73,7 +76,9 @@ def _walk(squad: dict, source: str) -> Iterator[tuple[int, int, dict, str | None
                         text = ans.get("text") if isinstance(ans, dict) else None
                         start = ans.get("answer_start") if isinstance(ans, dict) else None
                         if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
-                            raise ConfigError(f"{source}: question {qid!r} ({at}) has an answer without 'text'/'answer_start'")
+                            raise ConfigError(
+                                f"{source}: question {qid!r} ({at}) has an answer without 'text'/'answer_start'"
+                            )
                         if problem is None and context[start : start + len(text)] != text:
                             problem = f"answer_start {start} does not point at {text!r} in the context"
                     if not answers and qa.get("is_impossible") is False:
@@ -113,7 +118,9 @@ def drop_bad_answers(squad: dict, source: str, on_bad_answer: str) -> tuple[dict
     bad: set[tuple[int, int, str]] = set()
     for a, p, qa, problem in _walk(squad, source):
         if problem and on_bad_answer == "error":
-            raise ConfigError(f"{source}: question {qa['id']!r}: {problem} (dataset.on_bad_answer=skip drops such questions)")
+            raise ConfigError(
+                f"{source}: question {qa['id']!r}: {problem} (dataset.on_bad_answer=skip drops such questions)"
+            )
         if problem:
             bad.add((a, p, qa["id"]))
     if not bad:

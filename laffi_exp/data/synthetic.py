@@ -115,12 +115,25 @@ MAIN_QUESTIONS = {
 }
 # For a hard unanswerable question: which stated fact gives a plausible (wrong) span of the right type.
 PLAUSIBLE = {
-    "born_year": "other", "town": "river", "job": "product", "org": "town", "product": "job",
-    "river": "town", "population": "org_year", "spouse": "other",
+    "born_year": "other",
+    "town": "river",
+    "job": "product",
+    "org": "town",
+    "product": "job",
+    "river": "town",
+    "population": "org_year",
+    "spouse": "other",
 }
 ANSWER_OF = {
-    "born_year": "born_year", "town": "town", "job": "job", "org": "org", "product": "product",
-    "river": "river", "population": "population", "spouse": "spouse", "other": "other",
+    "born_year": "born_year",
+    "town": "town",
+    "job": "job",
+    "org": "org",
+    "product": "product",
+    "river": "river",
+    "population": "population",
+    "spouse": "spouse",
+    "other": "other",
     "org_year": "org_year",
 }
 
@@ -205,7 +218,9 @@ class SyntheticQA(DataSource):
     """The embedded default dataset as a pipeline data source: train, validation and test splits in
     SQuAD JSON layout, generated (not downloaded) from ``seed``."""
 
-    def __init__(self, name: str = "synthetic", seed: int = 1234, num_train: int = 1000, num_val: int = 200, num_eval: int = 600):
+    def __init__(
+        self, name: str = "synthetic", seed: int = 1234, num_train: int = 1000, num_val: int = 200, num_eval: int = 600
+    ):
         self.name = name
         self.seed = seed
         self.sizes = {"train": num_train, "validation": num_val, "test": num_eval}

@@ -8,7 +8,7 @@ looked at). Each split reports how many examples were shortened.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import QAExample

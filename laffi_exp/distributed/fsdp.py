@@ -16,6 +16,7 @@ def uses_fsdp(cfg: DictConfig) -> bool:
     """Whether the trainer shards the model with FSDP (trainer=fsdp or fsdp_cpu)."""
     return "FSDPStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
 
+
 FSDP_SCHEME = 2
 
 
@@ -38,9 +39,16 @@ def prepare_fsdp(strategy, peft_model, precision: str) -> None:
         names = set(getattr(peft_model.get_base_model(), "_no_split_modules", None) or ())
         layers = {type(m) for m in peft_model.modules() if type(m).__name__ in names}
         if not layers:
-            log.warning("FSDP: %s names no transformer block class: only the LoRA weights are units of their own", type(peft_model.get_base_model()).__name__)
-        log.info("FSDP: one unit per %s and per LoRA weight", ", ".join(sorted(c.__name__ for c in layers)) or "(no block)")
-        strategy.kwargs["auto_wrap_policy"] = CustomPolicy(lambda module: type(module) in layers or _trainable_leaf(module))
+            log.warning(
+                "FSDP: %s names no transformer block class: only the LoRA weights are units of their own",
+                type(peft_model.get_base_model()).__name__,
+            )
+        log.info(
+            "FSDP: one unit per %s and per LoRA weight", ", ".join(sorted(c.__name__ for c in layers)) or "(no block)"
+        )
+        strategy.kwargs["auto_wrap_policy"] = CustomPolicy(
+            lambda module: type(module) in layers or _trainable_leaf(module)
+        )
     if torch.distributed.is_initialized():
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -48,8 +56,12 @@ def prepare_fsdp(strategy, peft_model, precision: str) -> None:
     if strategy.mixed_precision is None:
         half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
         if half is not None:
-            strategy.mixed_precision = MixedPrecision(param_dtype=half, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
-        elif str(precision) == "32-true":  # no casting: a bf16 base computes in bf16 as under DDP (Lightning casts it to fp32)
+            strategy.mixed_precision = MixedPrecision(
+                param_dtype=half, reduce_dtype=torch.float32, buffer_dtype=torch.float32
+            )
+        elif (
+            str(precision) == "32-true"
+        ):  # no casting: a bf16 base computes in bf16 as under DDP (Lightning casts it to fp32)
             strategy.mixed_precision = MixedPrecision()
 
 
@@ -76,7 +88,11 @@ def gather_adapter(strategy, peft_model) -> dict[str, torch.Tensor]:
         return adapter
     offload = strategy.root_device.type != "cpu"
     with FSDP.summon_full_params(strategy.model, writeback=False, offload_to_cpu=offload):
-        return {_unwrapped_name(n): p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
+        return {
+            _unwrapped_name(n): p.detach().to("cpu", copy=True)
+            for n, p in peft_model.named_parameters()
+            if p.requires_grad
+        }
 
 
 def load_adapter(peft_model, adapter: dict[str, torch.Tensor]) -> None:
@@ -84,7 +100,8 @@ def load_adapter(peft_model, adapter: dict[str, torch.Tensor]) -> None:
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     if trainable != set(adapter):
         raise RuntimeError(
-            f"FSDP: the gathered adapter does not match the rebuilt model (missing {sorted(trainable - set(adapter))[:3]}, "
+            "FSDP: the gathered adapter does not match the rebuilt model "
+            f"(missing {sorted(trainable - set(adapter))[:3]}, "
             f"unexpected {sorted(set(adapter) - trainable)[:3]})"
         )
     peft_model.load_state_dict(adapter, strict=False)
@@ -105,8 +122,14 @@ class CPUFSDPStrategy(pl.strategies.FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if not any(isinstance(m, FSDP) for m in model.modules()):
-            model = FSDP(model, sharding_strategy=self.sharding_strategy, mixed_precision=self.mixed_precision_config,
-                         cpu_offload=self.cpu_offload, device_id=torch.device("cpu"), **self.kwargs)
+            model = FSDP(
+                model,
+                sharding_strategy=self.sharding_strategy,
+                mixed_precision=self.mixed_precision_config,
+                cpu_offload=self.cpu_offload,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
             self.kwargs.pop("auto_wrap_policy", None)  # applied
         return super()._setup_model(model)  # finds it wrapped: the rest of Lightning's set-up
 

@@ -24,16 +24,24 @@ def join_ranks(cfg: DictConfig, in_sweep: bool) -> None:
     distributed.init()
     world = distributed.world_size()
     if cfg.model.get("micro_batch_tokens") and world > 1:
-        raise ConfigError("model.micro_batch_tokens: micro-batches run in one process only; under DDP/FSDP set "
-                          "model.micro_batch_tokens=null and size method.batch_size per rank")
+        raise ConfigError(
+            "model.micro_batch_tokens: micro-batches run in one process only; under DDP/FSDP set "
+            "model.micro_batch_tokens=null and size method.batch_size per rank"
+        )
     if world > 1:
         if in_sweep:
-            raise ConfigError("hydra.mode: a sweep is not run under torchrun/srun (each job would start a sweep); launch one distributed run per cell")
+            raise ConfigError(
+                "hydra.mode: a sweep is not run under torchrun/srun (each job would start a sweep); "
+                "launch one distributed run per cell"
+            )
         log.info("Distributed run: rank %d of %d (%s)", distributed.rank(), world, torch.distributed.get_backend())
         distributed.check_agree("paths.output_dir (hydra.run.dir)", str(Path(cfg.paths.output_dir).resolve()))
         start_method = OmegaConf.select(cfg, "trainer.strategy.start_method", default="popen")
         if start_method != "popen":
-            raise ConfigError(f"trainer.strategy.start_method: every rank is a process already (launched by torchrun or srun); expected popen, got {start_method!r}")
+            raise ConfigError(
+                "trainer.strategy.start_method: every rank is a process already (launched by torchrun or srun); "
+                f"expected popen, got {start_method!r}"
+            )
     elif "strategy" not in cfg.trainer:
         return  # one process, one device
     # Lightning's own count (devices=-1, auto, ...), from a trainer that sets no torch flag and whose
@@ -49,6 +57,7 @@ def join_ranks(cfg: DictConfig, in_sweep: bool) -> None:
     if processes != world:
         raise ConfigError(
             f"trainer: runs {processes} processes (devices x num_nodes) but {world} were launched; every "
-            f"stage runs on every rank, so launch them all at the start: torchrun --nproc_per_node={trainer.num_devices} "
+            "stage runs on every rank, so launch them all at the start: "
+            f"torchrun --nproc_per_node={trainer.num_devices} "
             f"--nnodes={trainer.num_nodes} -m laffi_exp ... (or srun under SLURM; see laffi_exp/conf/trainer/ddp.yaml)"
         )

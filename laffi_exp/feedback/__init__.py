@@ -1,1 +1,2 @@
-"""Feedback sources: the annotator interface, the simulated pools, human files, LLM annotators and the feedback report."""
+"""Feedback sources: the annotator interface, the simulated pools, human files, LLM annotators and the feedback
+report."""

@@ -7,7 +7,8 @@ batches its requests and takes the run's human feedback as few-shot examples).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from laffi_exp.core.records import Answer, QAExample
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -116,7 +116,9 @@ class HFFewShotAnnotator(FewShotAnnotator):
         budget = _window(base.model, tokenizer) - self.max_new_tokens
         shots = self.shots or []
         for n in range(len(shots), -1, -1):
-            prompt = request.prompt if n == len(shots) else self.prompt.render(request.ex, request.prediction, shots[:n])
+            prompt = (
+                request.prompt if n == len(shots) else self.prompt.render(request.ex, request.prediction, shots[:n])
+            )
             text = base.format_prompt(prompt)
             if len(tokenizer(text, verbose=False)["input_ids"]) <= budget:
                 if n < len(shots):
@@ -141,7 +143,9 @@ def _annotator_keys():
         yield
     except ConfigError as err:
         text = str(err)
-        raise ConfigError("feedback.synthetic." + text[len("model.") :] if text.startswith("model.") else text) from None
+        raise ConfigError(
+            "feedback.synthetic." + text[len("model.") :] if text.startswith("model.") else text
+        ) from None
 
 
 def _escape(text: str) -> str:

@@ -18,9 +18,9 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.io import atomic_write_text
@@ -74,7 +74,13 @@ class HumanFileAnnotator(Annotator):
 
     source = "human"
 
-    def __init__(self, path: str | Path, on_missing: str = "error", no_answer_text: str = NO_ANSWER_TEXT, name: str = "human_file"):
+    def __init__(
+        self,
+        path: str | Path,
+        on_missing: str = "error",
+        no_answer_text: str = NO_ANSWER_TEXT,
+        name: str = "human_file",
+    ):
         self.path = Path(path).expanduser().resolve()
         self.on_missing = on_missing
         self.no_answer_text = no_answer_text
@@ -86,7 +92,9 @@ class HumanFileAnnotator(Annotator):
         """Read the file and refuse it (ConfigError naming the file, lines and ids) if any row is
         unusable; reads it once."""
         if self.on_missing not in ON_MISSING:
-            raise ConfigError(f"feedback.human.on_missing: expected one of {', '.join(ON_MISSING)}, got {self.on_missing!r}")
+            raise ConfigError(
+                f"feedback.human.on_missing: expected one of {', '.join(ON_MISSING)}, got {self.on_missing!r}"
+            )
         if self._rows is None:
             raw = _read_bytes(self.path)
             self._rows = {row.id: row for row in read_rows(self.path, raw)}
@@ -112,7 +120,9 @@ class HumanFileAnnotator(Annotator):
             raise ConfigError(f"{KEY}: {self.path} has no feedback for id {ex.id}")
         return self.rows[ex.id].feedback
 
-    def check_against(self, examples: Sequence[QAExample], answers: Sequence[Answer], human_ids: Iterable[str]) -> HumanFileCheck:
+    def check_against(
+        self, examples: Sequence[QAExample], answers: Sequence[Answer], human_ids: Iterable[str]
+    ) -> HumanFileCheck:
         """Match the file against a run: its examples, its predicted answers and the ids the ratio gives
         to humans. Raises ConfigError on missing or stale feedback unless ``on_missing`` is synthetic."""
         rows, predictions, assigned = self.rows, {a.id: a.prediction for a in answers}, set(human_ids)
@@ -136,9 +146,14 @@ class HumanFileAnnotator(Annotator):
             if stale:
                 shown = ", ".join(f"{i} (file {rows[i].prediction!r}, run {predictions[i]!r})" for i in stale[:3])
                 more = f", ... ({len(stale)} in all)" if len(stale) > 3 else ""
-                problems.append(f"stale feedback (written for another prediction than the run's) for {count(stale, 'id')}: {shown}{more}")
+                problems.append(
+                    "stale feedback (written for another prediction than the run's) "
+                    f"for {count(stale, 'id')}: {shown}{more}"
+                )
             if missing:
-                problems.append(f"no feedback for {count(missing, 'id')} the ratio assigns to humans: {id_list(missing)}")
+                problems.append(
+                    f"no feedback for {count(missing, 'id')} the ratio assigns to humans: {id_list(missing)}"
+                )
             raise ConfigError(
                 f"{KEY}: {self.path}: " + "; ".join(problems) + ". Export the current answers again "
                 "(python -m laffi_exp.annotate export ...) and annotate them, or set "
@@ -171,7 +186,11 @@ def read_rows(path: Path, raw: bytes) -> list[HumanRow]:
     incomplete = [line for line, rec in records if any(k not in rec for k in REQUIRED)]
     if incomplete:
         problems.append(f"a required column ({', '.join(REQUIRED)}) is missing on {on_lines(incomplete)}")
-    not_text = [line for line, rec in records if any(isinstance(rec.get(k), (dict, list, bool)) for k in (*REQUIRED, "annotator_id"))]
+    not_text = [
+        line
+        for line, rec in records
+        if any(isinstance(rec.get(k), (dict, list, bool)) for k in (*REQUIRED, "annotator_id"))
+    ]
     if not_text:
         problems.append(f"a value is not text on {on_lines(not_text)}")
     bad_seconds = [line for line, rec in records if _bad_seconds(rec.get("seconds"))]
@@ -179,7 +198,11 @@ def read_rows(path: Path, raw: bytes) -> list[HumanRow]:
         problems.append(f"seconds is not a number >= 0 on {on_lines(bad_seconds)}")
     rows = [
         HumanRow(
-            _text(rec["id"]), _text(rec["prediction"]), _text(rec["feedback"]), _text(rec.get("annotator_id")), line,
+            _text(rec["id"]),
+            _text(rec["prediction"]),
+            _text(rec["feedback"]),
+            _text(rec.get("annotator_id")),
+            line,
             _seconds(rec.get("seconds")),
         )
         for line, rec in records
@@ -219,13 +242,28 @@ def export_batch(
     wanted = set(ids)
     unknown = sorted(wanted - {ex.id for ex in examples})
     if unknown:
-        raise ConfigError(f"export: {count(unknown, 'id')} not among the run's training or validation examples: {id_list(unknown)}")
+        raise ConfigError(
+            f"export: {count(unknown, 'id')} not among the run's training or validation examples: {id_list(unknown)}"
+        )
     predictions = {a.id: a.prediction for a in answers}
-    columns = ["id", "context", "question", "prediction", *(["gold"] if include_gold else []), "feedback", "annotator_id"]
+    columns = [
+        "id",
+        "context",
+        "question",
+        "prediction",
+        *(["gold"] if include_gold else []),
+        "feedback",
+        "annotator_id",
+    ]
     rows = []
     for ex in examples:
         if ex.id in wanted:
-            values = {"id": ex.id, "context": ex.context, "question": ex.question, "prediction": predictions[ex.id] or no_answer_text}
+            values = {
+                "id": ex.id,
+                "context": ex.context,
+                "question": ex.question,
+                "prediction": predictions[ex.id] or no_answer_text,
+            }
             values["gold"] = " | ".join(dict.fromkeys(ex.answers)) or no_answer_text  # all distinct gold answers
             rows.append({k: values.get(k, "") for k in columns})
     jsonl_path, csv_path = batch_paths(out_prefix, overwrite)
@@ -312,7 +350,10 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
         raise ConfigError(f"{KEY}: {path}: not a JSON object on {count(bad, 'line')}: {id_list(bad, 3)}")
     missing = [k for k in REQUIRED if records and all(k not in rec for _, rec in records)]
     if missing:
-        raise ConfigError(f"{KEY}: {path}: no row has the required column(s) {', '.join(missing)} (expected {', '.join(REQUIRED)}[, annotator_id])")
+        raise ConfigError(
+            f"{KEY}: {path}: no row has the required column(s) {', '.join(missing)} "
+            f"(expected {', '.join(REQUIRED)}[, annotator_id])"
+        )
     return records
 
 
@@ -322,13 +363,18 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, dict]]:
         header = reader.fieldnames or []
         missing = [k for k in REQUIRED if k not in header]
         if missing:
-            raise ConfigError(f"{KEY}: {path}: the header lacks the required column(s) {', '.join(missing)} (expected {', '.join(REQUIRED)}[, annotator_id])")
+            raise ConfigError(
+                f"{KEY}: {path}: the header lacks the required column(s) {', '.join(missing)} "
+                f"(expected {', '.join(REQUIRED)}[, annotator_id])"
+            )
         records = [(reader.line_num, record) for record in reader]
     except csv.Error as err:
         raise ConfigError(f"{KEY}: {path}: line {reader.line_num}: {err}") from None
     extra = [line for line, record in records if None in record]  # DictReader keys surplus fields None
     if extra:
-        raise ConfigError(f"{KEY}: {path}: more fields than the header on {on_lines(extra)} (a value with a comma needs quotes)")
+        raise ConfigError(
+            f"{KEY}: {path}: more fields than the header on {on_lines(extra)} (a value with a comma needs quotes)"
+        )
     short = [line for line, record in records if None in record.values()]  # and fills missing ones with None
     if short:
         raise ConfigError(f"{KEY}: {path}: fewer fields than the header on {on_lines(short)}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from laffi_exp.core.hashing import unit_hash
 from laffi_exp.core.prompts import parse_feedback
@@ -95,7 +95,12 @@ def annotate(
     overlap = [(human_fb[ex.id], synthetic_fb[ex.id]) for ex in examples if ex.id in both]
     log.info(
         "Feedback: %d human (%.1f%%, ratio %.2f), %d synthetic, %d fell back from human to synthetic, %d overlap",
-        len(human_fb), 100 * len(human_fb) / max(len(examples), 1), human_ratio, len(examples) - len(human_fb), len(fallback), len(overlap),
+        len(human_fb),
+        100 * len(human_fb) / max(len(examples), 1),
+        human_ratio,
+        len(examples) - len(human_fb),
+        len(fallback),
+        len(overlap),
     )
     return Annotation(feedback=feedback, overlap=overlap, fallback=len(fallback))
 
@@ -111,7 +116,18 @@ def _annotate_all(annotator: Annotator, items: list[tuple[QAExample, str]]) -> l
     for (ex, prediction), text in zip(items, texts):
         text = _clean(text)
         verdict, correction = parse_feedback(text)
-        out.append(Feedback(ex.id, ex.question, prediction, text, annotator.source, annotator.annotator_for(ex.id), verdict, correction))
+        out.append(
+            Feedback(
+                ex.id,
+                ex.question,
+                prediction,
+                text,
+                annotator.source,
+                annotator.annotator_for(ex.id),
+                verdict,
+                correction,
+            )
+        )
     return out
 
 

@@ -18,9 +18,9 @@ The raw response is what is cached; the feedback is its first non-empty line, wi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.hashing import unit_hash
@@ -33,8 +33,8 @@ from laffi_exp.feedback.response_cache import ResponseCache
 log = logging.getLogger(__name__)
 
 TEMPLATE = (
-    "Give feedback on the answer to a question about a passage. Begin with a verdict, \"Correct.\" or "
-    "\"Incorrect.\". When the answer is incorrect, give the right answer as: The answer is \"...\"; or, "
+    'Give feedback on the answer to a question about a passage. Begin with a verdict, "Correct." or '
+    '"Incorrect.". When the answer is incorrect, give the right answer as: The answer is "..."; or, '
     "when the passage does not answer the question, say that the question cannot be answered. "
     "Write one line, in the style of the examples.\n\n"
     "{shots}"
@@ -141,7 +141,7 @@ class FewShotPrompt:
 
 def _check_fields(key: str, template: str, allowed: Sequence[str]) -> None:
     try:
-        template.format(**{f: "" for f in allowed})
+        template.format(**dict.fromkeys(allowed, ""))
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(
             f"feedback.synthetic.{key}: bad placeholder ({type(err).__name__}: {err}); allowed: "

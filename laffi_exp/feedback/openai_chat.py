@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
@@ -111,7 +111,9 @@ class OpenAIAnnotator(FewShotAnnotator):
                     f"feedback.synthetic.api_key_env: ${self.api_key_env} is not set; the OpenAI API needs a key "
                     f"(export {self.api_key_env}=...)"
                 )
-            log.info("%s: $%s is not set: sending the placeholder key 'EMPTY' (local servers)", self.name, self.api_key_env)
+            log.info(
+                "%s: $%s is not set: sending the placeholder key 'EMPTY' (local servers)", self.name, self.api_key_env
+            )
         timeout = min(self.timeout, 10.0)
         try:
             listed = [m.id for m in self.client.models.list(timeout=timeout)]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from laffi_exp.core.config import flatten
 from laffi_exp.core.records import Feedback, QAExample
@@ -27,9 +28,13 @@ def feedback_report(
     """The report for the feedback on ``examples``; ``overlap`` holds (human, synthetic) pairs on the
     same answers (``laffi_exp.feedback.hybrid.Annotation.overlap``)."""
     gold = {ex.id: ex for ex in examples}
-    unknown = [f.id for f in feedback if f.id not in gold] + [f.id for pair in overlap or () for f in pair if f.id not in gold]
+    unknown = [f.id for f in feedback if f.id not in gold] + [
+        f.id for pair in overlap or () for f in pair if f.id not in gold
+    ]
     if unknown:
-        raise ValueError(f"feedback_report: {len(unknown)} feedback ids are not among the examples: {', '.join(unknown[:5])}")
+        raise ValueError(
+            f"feedback_report: {len(unknown)} feedback ids are not among the examples: {', '.join(unknown[:5])}"
+        )
     report: dict[str, Any] = {
         "count": len(feedback),
         "sources": {name: _stats(group, gold) for name, group in _by(feedback, lambda f: f.source).items()},
@@ -56,7 +61,7 @@ def _stats(feedback: list[Feedback], gold: dict[str, QAExample]) -> dict[str, An
     corrections = [f for f in said_incorrect if f.correction is not None]
     return {
         "count": len(feedback),
-        "verdicts": {**{v: 0 for v in VERDICTS}, **Counter(f.verdict for f in feedback)},
+        "verdicts": {**dict.fromkeys(VERDICTS, 0), **Counter(f.verdict for f in feedback)},
         # Feedback that says the question has no answer (a correction of "").
         "says_no_answer": sum(f.correction == "" for f in feedback),
         # The verdict against the truth: "correct" iff the prediction matches a gold answer (EM = 1),
@@ -154,7 +159,12 @@ def _quality(feedback: list[Feedback], exact: dict[str, float], f1: dict[str, fl
 def _lengths(values: list[int]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "median": None, "min": None, "max": None}
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def _by(feedback: Sequence[Feedback], key: Callable[[Feedback], str]) -> dict[str, list[Feedback]]:

@@ -14,8 +14,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -51,7 +51,9 @@ class ResponseCache:
         secret are refused, so that no key can be derived from (or betray) a credential."""
         secret = [name for name in parts if name.lower() in SECRET_PARTS]
         if secret:
-            raise ValueError(f"ResponseCache.key: {secret[0]!r} looks like a secret and must not be part of a cache key")
+            raise ValueError(
+                f"ResponseCache.key: {secret[0]!r} looks like a secret and must not be part of a cache key"
+            )
         text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -37,7 +37,7 @@ class SimulatedHuman(Annotator):
 
     def annotate(self, ex: QAExample, prediction: str) -> str:
         style = int(unit_hash(self.seed, "style", ex.id) * 3)
-        said = f"\"{prediction}\"" if prediction else "no answer"
+        said = f'"{prediction}"' if prediction else "no answer"
         why = evidence(ex)
         if is_correct(ex, prediction):
             if ex.is_impossible:
@@ -47,9 +47,9 @@ class SimulatedHuman(Annotator):
                     "Yes, this question cannot be answered from the passage.",
                 )[style]
             return (
-                f"Correct. The passage says: \"{why}\"",
+                f'Correct. The passage says: "{why}"',
                 f"That's right: {said} is what the passage gives.",
-                f"Yes, {said} is correct, since the passage says \"{why}\"",
+                f'Yes, {said} is correct, since the passage says "{why}"',
             )[style]
         if ex.is_impossible:
             return (
@@ -58,9 +58,9 @@ class SimulatedHuman(Annotator):
                 "Not quite: the passage does not give this, so the question cannot be answered.",
             )[style]
         return (
-            f"Incorrect. The answer is \"{ex.gold}\" because the passage says \"{why}\"",
-            f"Not quite: the passage says \"{why}\" so the answer should be \"{ex.gold}\".",
-            f"Wrong: {said} is not what the question asks for; the answer is \"{ex.gold}\".",
+            f'Incorrect. The answer is "{ex.gold}" because the passage says "{why}"',
+            f'Not quite: the passage says "{why}" so the answer should be "{ex.gold}".',
+            f'Wrong: {said} is not what the question asks for; the answer is "{ex.gold}".',
         )[style]
 
 
@@ -76,7 +76,10 @@ class RuleBasedAnnotator(Annotator):
         seed: int = 0,
         name: str = "rule_based",
     ):
-        for key, rate in (("wrong_verdict_rate", wrong_verdict_rate), ("missing_correction_rate", missing_correction_rate)):
+        for key, rate in (
+            ("wrong_verdict_rate", wrong_verdict_rate),
+            ("missing_correction_rate", missing_correction_rate),
+        ):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"feedback.synthetic.{key}: expected a rate in [0, 1], got {rate}")
         self.wrong_verdict_rate = wrong_verdict_rate
@@ -97,4 +100,4 @@ class RuleBasedAnnotator(Annotator):
             return "Incorrect. The answer is not supported by the passage."
         if ex.is_impossible:
             return "Incorrect. The question cannot be answered from the passage."
-        return f"Incorrect. The answer is \"{ex.gold}\"."
+        return f'Incorrect. The answer is "{ex.gold}".'

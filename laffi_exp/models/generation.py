@@ -4,7 +4,7 @@ runs the model uses (answers, reflections, no-answer probabilities, LLM annotato
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -49,8 +49,14 @@ def generate(
             else:
                 input_ids, mask = shared_prefix.left_pad([ids[i] for i in batch], pad_id, device)
             gen = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                pad_token_id=pad_id, eos_token_id=stop, **extra,
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=stop,
+                **extra,
             )
             texts = tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
             for i, text in zip(batch, texts):
@@ -111,7 +117,9 @@ def sequence_logprobs(
     full = [p + c for p, c in zip(prompt_ids, cont_ids)]
     out: list[float] = [0.0] * len(prompts)
     try:
-        for batch in tqdm(shared_prefix.plan(prompt_ids, shared, groups, batch_size), desc="logprobs", leave=False, mininterval=2):
+        for batch in tqdm(
+            shared_prefix.plan(prompt_ids, shared, groups, batch_size), desc="logprobs", leave=False, mininterval=2
+        ):
             extra, start = {}, [0] * len(batch)
             if any(shared[i] for i in batch):
                 cache, p_ids, p_mask, rests = shared_prefix.prefix_batch(model, full, shared, batch, pad_id)
@@ -130,8 +138,13 @@ def sequence_logprobs(
                 scored[b, offset + first : width - 1] = True
             targets = torch.nn.functional.pad(r_ids[:, 1:], (0, 1), value=pad_id)[scored]
             with output_head_at(model, scored):  # (n continuation tokens, vocab), not (batch, width, vocab)
-                logits = model(input_ids=r_ids, attention_mask=mask, position_ids=shared_prefix.positions(mask)[:, -width:],
-                               use_cache=bool(extra), **extra).logits
+                logits = model(
+                    input_ids=r_ids,
+                    attention_mask=mask,
+                    position_ids=shared_prefix.positions(mask)[:, -width:],
+                    use_cache=bool(extra),
+                    **extra,
+                ).logits
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             token_lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             row = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(scored)[scored]
@@ -143,8 +156,9 @@ def sequence_logprobs(
     return out
 
 
-def batches(tokenizer, prompts: Sequence[str], batch_size: int, groups: Sequence[Hashable] | None = None
-            ) -> tuple[list[list[int]], list[int]]:
+def batches(
+    tokenizer, prompts: Sequence[str], batch_size: int, groups: Sequence[Hashable] | None = None
+) -> tuple[list[list[int]], list[int]]:
     """The batches of prompt indices that ``generate`` (and ``sequence_logprobs``) form, and how many
     tokens each prompt shares with its group. Given back to them (``shared``) for a subset of whole
     batches, they form exactly those batches again (a rank's share of a distributed run)."""

@@ -62,7 +62,9 @@ def converted(path: Path, cache_dir: Path, key: str = "model.gguf_file") -> tupl
     architecture = gguf_architecture(path, key)
     digest = file_digest(path)
     fingerprint = {"gguf_sha256": digest, "conversion": CONVERSION_VERSION}
-    folder = Path(cache_dir).expanduser() / f"sha256-{digest[:16]}"  # by content alone: a renamed copy is the same entry
+    folder = (
+        Path(cache_dir).expanduser() / f"sha256-{digest[:16]}"
+    )  # by content alone: a renamed copy is the same entry
     if not (folder / INFO_FILE).is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):  # parallel sweep jobs: one converts, the others wait

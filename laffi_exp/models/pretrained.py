@@ -35,7 +35,7 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # DNS, connection, proxy, TLS or timeout: all mean "cannot download now"
+    except Exception:  # noqa: BLE001 - DNS, connection, proxy, TLS or timeout: all mean "cannot download now"
         return False
     return True
 
@@ -53,8 +53,10 @@ def _causal_lm_problem(config, trust_remote_code: bool) -> str | None:
         return f"model_type {model_type!r} has no causal-LM class in transformers (not a causal LM)"
     architectures = getattr(config, "architectures", None) or []
     causal_classes = set(CAUSAL.values())
-    if architectures and not remote and not any(
-        a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures
+    if (
+        architectures
+        and not remote
+        and not any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     ):
         return f"it holds {', '.join(architectures)} (a {model_type} model), not a causal LM"
     # Encoder families (BERT, RoBERTa, ...) have a causal-LM class too, but it is only for their decoders.
@@ -101,7 +103,9 @@ class PretrainedBase(ModelSource):
         self.package = package
         self.package_extra = package_extra
         self.weights_from = weights_from
-        self.convert_dir = Path(convert_dir).expanduser() if convert_dir else Path("~/.cache/laffi_exp/gguf").expanduser()
+        self.convert_dir = (
+            Path(convert_dir).expanduser() if convert_dir else Path("~/.cache/laffi_exp/gguf").expanduser()
+        )
         self._source: str | None = None  # what check() found to load from: a folder, or the hub id
         self._gguf: Path | None = None  # the GGUF file to convert (check() found it)
         self._fingerprint: dict | None = None
@@ -121,12 +125,17 @@ class PretrainedBase(ModelSource):
                 )
             if not torch.cuda.is_available():
                 raise ConfigError(
-                    "model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; set model.load_in_4bit=false"
+                    "model.load_in_4bit: 4-bit loading needs a CUDA GPU and none is available; "
+                    "set model.load_in_4bit=false"
                 )
         if self.weights_from not in WEIGHTS_FROM:
-            raise ConfigError(f"model.weights_from: expected one of {', '.join(WEIGHTS_FROM)}, got {self.weights_from!r}")
+            raise ConfigError(
+                f"model.weights_from: expected one of {', '.join(WEIGHTS_FROM)}, got {self.weights_from!r}"
+            )
         if self.weights_from == "package" and not self.package:
-            raise ConfigError("model.weights_from: 'package' needs model.package (an installed package that carries a GGUF)")
+            raise ConfigError(
+                "model.weights_from: 'package' needs model.package (an installed package that carries a GGUF)"
+            )
         if self.weights_from == "package":
             self._gguf = self._package_gguf()
         else:
@@ -165,7 +174,9 @@ class PretrainedBase(ModelSource):
 
     def _local_gguf(self, path: Path) -> Path:
         if not path.is_dir():
-            raise ConfigError(f"model.name_or_path: {self.name_or_path!r}: no such folder (it should hold model.gguf_file)")
+            raise ConfigError(
+                f"model.name_or_path: {self.name_or_path!r}: no such folder (it should hold model.gguf_file)"
+            )
         file = path / self.gguf_file
         if not file.is_file():
             found = sorted(p.name for p in path.glob("*.gguf"))
@@ -283,8 +294,15 @@ class PretrainedBase(ModelSource):
         except SafetensorError as err:  # a truncated or damaged weights file
             text = str(err).strip()
             files = sorted(p.name for p in Path(str(self._source)).glob("*.safetensors")) if self._source else []
-            where = f"{Path(str(self._source)) / files[0]}" if len(files) == 1 else f"the .safetensors files of {self._source}"
-            raise ConfigError(f"model.name_or_path: {where} is damaged or incomplete ({text.splitlines()[0] if text else 'unreadable'})") from err
+            where = (
+                f"{Path(str(self._source)) / files[0]}"
+                if len(files) == 1
+                else f"the .safetensors files of {self._source}"
+            )
+            raise ConfigError(
+                f"model.name_or_path: {where} is damaged or incomplete "
+                f"({text.splitlines()[0] if text else 'unreadable'})"
+            ) from err
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self) -> BaseModel:
@@ -329,10 +347,15 @@ class PretrainedBase(ModelSource):
         chat = self.chat_template and bool(getattr(tokenizer, "chat_template", None))
         if self.chat_template and not chat:
             log.warning(
-                "model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain", self.name_or_path
+                "model.chat_template is true but %s's tokenizer has no chat template: prompts stay plain",
+                self.name_or_path,
             )
         return BaseModel(
-            model=model, tokenizer=tokenizer, name=self.name_or_path, path=self._source, chat_template=chat,
+            model=model,
+            tokenizer=tokenizer,
+            name=self.name_or_path,
+            path=self._source,
+            chat_template=chat,
             fingerprint=self._fingerprint,
         )
 
@@ -346,7 +369,7 @@ class PretrainedBase(ModelSource):
             bnb_4bit_use_double_quant=True,
         )
         # 4-bit weights cannot be moved after loading: put them on this process's GPU (DDP: its local rank).
-        return dict(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+        return dict(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
 
     @staticmethod
     def _set_pad_token(model, tokenizer) -> None:

@@ -11,16 +11,19 @@ longest common token prefix of the group's own tokenizations, so nothing is assu
 from __future__ import annotations
 
 import inspect
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
 from laffi_exp.models.head import output_head_at
+from laffi_exp.models.padding import pad
 
 MIN_SHARED = 16  # tokens: a shorter common prefix is not worth a second forward pass
 
 
-def shared_lengths(ids: Sequence[Sequence[int]], groups: Sequence[Hashable] | None, min_shared: int = MIN_SHARED) -> list[int]:
+def shared_lengths(
+    ids: Sequence[Sequence[int]], groups: Sequence[Hashable] | None, min_shared: int = MIN_SHARED
+) -> list[int]:
     """For each prompt, how many leading tokens it shares with the other prompts of its group (0: none;
     a group of None is no group). At least one token of every prompt is left over (its last position
     gives the next-token logits)."""
@@ -43,10 +46,13 @@ def shared_lengths(ids: Sequence[Sequence[int]], groups: Sequence[Hashable] | No
     return shared
 
 
-def plan(ids: Sequence[Sequence[int]], shared: Sequence[int], groups: Sequence[Hashable] | None, batch_size: int) -> list[list[int]]:
+def plan(
+    ids: Sequence[Sequence[int]], shared: Sequence[int], groups: Sequence[Hashable] | None, batch_size: int
+) -> list[list[int]]:
     """Batches of prompt indices: sorted by (shared prefix length, group, length of the rest), then cut every
     ``batch_size``, so a group's prompts sit together and lengths in a batch are alike. A set of whole
     batches, planned again, gives the same batches (what sharding batches across ranks relies on)."""
+
     def key(i: int):
         return (shared[i], str(groups[i]) if shared[i] else "", len(ids[i]) - shared[i], i)
 
@@ -55,14 +61,8 @@ def plan(ids: Sequence[Sequence[int]], shared: Sequence[int], groups: Sequence[H
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of ``rows`` left-padded to the longest."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r) :] = 1
+    """(ids, attention mask) of ``rows`` left-padded to the longest, on ``device``."""
+    ids, mask = pad(rows, pad_id, left=True)
     return ids.to(device), mask.to(device)
 
 

@@ -85,7 +85,7 @@ def _load_config(path: Path, name: str, notes: list[str] | None) -> DictConfig |
         if candidate.is_file():
             try:
                 return OmegaConf.load(candidate)
-            except Exception as err:  # a YAML or OmegaConf error: try the other file
+            except Exception as err:  # noqa: BLE001 - a YAML or OmegaConf error: note it, try the other file
                 note(notes, f"job {name}: cannot read {candidate.name} ({err})")
     note(notes, f"job {name}: no config.yaml or .hydra/config.yaml; method, ratio and seed unknown")
     return None

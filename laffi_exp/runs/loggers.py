@@ -40,7 +40,17 @@ def log_results(loggers, metrics, summary, test, evaluated, num_samples) -> None
         rows = []
         for ex, b, a in list(zip(test, base_answers, answers))[:num_samples]:
             r = reflect_by_id.get(ex.id)
-            rows.append([ex.id, ex.question, ex.gold, b.prediction, a.prediction, r.feedback if r else "", r.prediction if r else ""])
+            rows.append(
+                [
+                    ex.id,
+                    ex.question,
+                    ex.gold,
+                    b.prediction,
+                    a.prediction,
+                    r.feedback if r else "",
+                    r.prediction if r else "",
+                ]
+            )
         loggers["wandb"].log_table(
             key="test/samples",
             columns=["id", "question", "gold", "base", "fine_tuned", "predicted_feedback", "reflect"],
@@ -60,14 +70,27 @@ def print_summary(metrics: dict[str, Any], out: Path) -> None:
     lines = ["", "=" * 64, f"LaFFi run finished in {metrics['time/seconds']:.0f} s"]
     rows = [("base", "base"), ("fine-tuned (direct)", "test"), ("fine-tuned (reflect)", "test_reflect")]
     best = "base/best_f1" in metrics  # evaluation.na_probs: F1 at the best no-answer threshold
-    lines.append(f"{'model':<24}{'EM':>8}{'F1':>8}{'HasAns EM':>11}{'NoAns EM':>10}" + (f"{'best F1':>9}" if best else ""))
+    lines.append(
+        f"{'model':<24}{'EM':>8}{'F1':>8}{'HasAns EM':>11}{'NoAns EM':>10}" + (f"{'best F1':>9}" if best else "")
+    )
     for label, prefix in rows:
         if f"{prefix}/exact" in metrics:
             lines.append(
                 f"{label:<24}{metrics[f'{prefix}/exact']:>8.1f}{metrics[f'{prefix}/f1']:>8.1f}"
-                f"{metrics.get(f'{prefix}/HasAns_exact', float('nan')):>11.1f}{metrics.get(f'{prefix}/NoAns_exact', float('nan')):>10.1f}"
-                + (f"{metrics[f'{prefix}/best_f1']:>9.1f}" if f"{prefix}/best_f1" in metrics else f"{'-':>9}" if best else "")
+                f"{metrics.get(f'{prefix}/HasAns_exact', float('nan')):>11.1f}"
+                f"{metrics.get(f'{prefix}/NoAns_exact', float('nan')):>10.1f}"
+                + (
+                    f"{metrics[f'{prefix}/best_f1']:>9.1f}"
+                    if f"{prefix}/best_f1" in metrics
+                    else f"{'-':>9}"
+                    if best
+                    else ""
+                )
             )
-    files = "metrics: metrics.json  predictions: predictions.json" + ("  na_probs.json" if best else "") + "  adapter: adapter/"
+    files = (
+        "metrics: metrics.json  predictions: predictions.json"
+        + ("  na_probs.json" if best else "")
+        + "  adapter: adapter/"
+    )
     lines += [f"run dir: {out}", files, "=" * 64]
     print("\n".join(lines), flush=True)

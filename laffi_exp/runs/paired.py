@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,11 @@ def paired_differences(
             continue
         key = (job.method, job.human_ratio, job.seed)
         if key in runs:
-            note(notes, f"paired: {label(job.method, job.human_ratio, 'direct')} seed {job.seed} has several runs; using {runs[key].name}, not {job.name}")
+            note(
+                notes,
+                f"paired: {label(job.method, job.human_ratio, 'direct')} seed {job.seed} has several runs; "
+                f"using {runs[key].name}, not {job.name}",
+            )
             continue
         runs[key] = job
     laffi_seeds = {s for m, _, s in runs if m == "laffi"}
@@ -116,7 +121,11 @@ def _score_pair(job_a: Job, a: str, job_b: Job, b: str, load, notes) -> dict[str
     try:
         golds = _golds(load(job_a.path / "eval_data.json"))
         if job_b is not job_a and _golds(load(job_b.path / "eval_data.json")) != golds:
-            note(notes, f"paired: jobs {job_a.name} and {job_b.name} have different test questions; {a} - {b} skips seed {job_a.seed}")
+            note(
+                notes,
+                f"paired: jobs {job_a.name} and {job_b.name} have different test questions; "
+                f"{a} - {b} skips seed {job_a.seed}",
+            )
             return None
         em_a, f1_a = question_scores(golds, load(files[0]))
         em_b, f1_b = question_scores(golds, load(files[1]))
@@ -137,8 +146,19 @@ def _comparison_rows(a: str, b: str, ratio, per_seed: dict[int, dict], resamples
     rows = []
     for s, scored in per_seed.items():
         diff = scored["a"] - scored["b"]
-        rows.append(_paired_row(a, b, ratio, s, 1, len(diff), scored["a"].mean(0), scored["b"].mean(0),
-                                bootstrap_ci(diff, np.ones(len(diff)), resamples, seed)))
+        rows.append(
+            _paired_row(
+                a,
+                b,
+                ratio,
+                s,
+                1,
+                len(diff),
+                scored["a"].mean(0),
+                scored["b"].mean(0),
+                bootstrap_ci(diff, np.ones(len(diff)), resamples, seed),
+            )
+        )
     if per_seed:
         # Pooled: cluster every seed's difference on a question under that question's id.
         sums: dict[str, np.ndarray] = {}
@@ -155,8 +175,14 @@ def _comparison_rows(a: str, b: str, ratio, per_seed: dict[int, dict], resamples
 
 
 def _paired_row(a, b, ratio, seed, n_seeds, n_questions, mean_a, mean_b, ci) -> dict[str, Any]:
-    row: dict[str, Any] = {"system_a": a, "system_b": b, "human_ratio": ratio, "seed": seed,
-                           "n_seeds": n_seeds, "n_questions": n_questions}
+    row: dict[str, Any] = {
+        "system_a": a,
+        "system_b": b,
+        "human_ratio": ratio,
+        "seed": seed,
+        "n_seeds": n_seeds,
+        "n_questions": n_questions,
+    }
     low, high = ci
     for i, metric in enumerate(("exact", "f1")):
         row[f"{metric}_a"] = 100.0 * float(mean_a[i])

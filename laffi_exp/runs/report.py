@@ -1,5 +1,6 @@
 """The sweep report: tables, a figure and paired comparisons for a Hydra multirun of the pipeline,
-built by ``python -m laffi_exp.report SWEEP_DIR [--out DIR]`` or at the end of every sweep through :class:`ReportCallback` (``hydra.callbacks``). Each job dir under
+built by ``python -m laffi_exp.report SWEEP_DIR [--out DIR]`` or at the end of every sweep through
+:class:`ReportCallback` (``hydra.callbacks``). Each job dir under
 SWEEP_DIR (any depth: a folder holding ``metrics.json`` or ``.hydra/``) is one run; a job without
 ``metrics.json`` crashed or is still running and is reported as missing. Files written (atomically):
 
@@ -31,9 +32,10 @@ import csv
 import io
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from hydra.experimental.callback import Callback
@@ -47,8 +49,8 @@ from laffi_exp.scoring.stats import BOOTSTRAP_SEED, RESAMPLES, mean_std_ci
 
 log = logging.getLogger(__name__)
 
-# SQuAD 2.0 metrics summarised over seeds, named as in metrics.json after the "<prefix>/".
-METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1")  # best_*: with na_probs
+# SQuAD 2.0 metrics summarised over seeds, named as in metrics.json after the "<prefix>/" (best_*: with na_probs).
+METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1")
 # Protocol -> metrics.json prefix of the fine-tuned model's scores (see laffi_exp.stages.evaluate).
 PROTOCOLS = {"direct": "test", "reflect": "test_reflect"}
 RESULTS_LEAD = ["job", "method", "human_ratio", "seed", "status", "time/seconds"]
@@ -116,7 +118,9 @@ def scores_by_seed(jobs: Sequence[Job], notes: list[str] | None = None) -> dict[
         result[key] = {}
         for seed, named in sorted(by_seed.items()):
             values = [v for _, v in named]
-            averaged = {m: float(np.mean([v[m] for v in values if m in v])) for m in METRICS if any(m in v for v in values)}
+            averaged = {
+                m: float(np.mean([v[m] for v in values if m in v])) for m in METRICS if any(m in v for v in values)
+            }
             differ = any(abs(v[m] - averaged[m]) > 1e-9 for v in values for m in v)
             if len(values) > 1 and (key[0] != "base" or differ):
                 names = ", ".join(name for name, _ in named)
@@ -144,7 +148,10 @@ def summarize(jobs: Sequence[Job], notes: list[str] | None = None) -> list[dict[
         for metric in METRICS:
             values = [scores[metric] for scores in by_seed.values() if metric in scores]
             if values and len(values) < len(by_seed):
-                note(notes, f"{label(method, ratio, protocol)}: {metric} reported by {len(values)} of {len(by_seed)} seeds")
+                note(
+                    notes,
+                    f"{label(method, ratio, protocol)}: {metric} reported by {len(values)} of {len(by_seed)} seeds",
+                )
             row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_ci95"] = mean_std_ci(values)
         rows.append(row)
     return rows
@@ -162,7 +169,9 @@ def plot_ablation(summary: Sequence[dict[str, Any]], path: Path, title: str) -> 
     as horizontal lines with their CI band. Returns None (nothing written) when nothing can be drawn."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state inside a Hydra callback
 
-    panels = [(m, y) for m, y in (("exact", "EM (%)"), ("f1", "F1 (%)")) if any(r[f"{m}_mean"] is not None for r in summary)]
+    panels = [
+        (m, y) for m, y in (("exact", "EM (%)"), ("f1", "F1 (%)")) if any(r[f"{m}_mean"] is not None for r in summary)
+    ]
     if not panels:
         return None
     fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
@@ -176,7 +185,9 @@ def plot_ablation(summary: Sequence[dict[str, Any]], path: Path, title: str) -> 
             points = sorted(
                 (r["human_ratio"] * 100 + offset, r[f"{metric}_mean"], r[f"{metric}_ci95"] or 0.0)
                 for r in summary
-                if r["method"] == method and r["protocol"] == protocol and r["human_ratio"] is not None
+                if r["method"] == method
+                and r["protocol"] == protocol
+                and r["human_ratio"] is not None
                 and r[f"{metric}_mean"] is not None
             )
             if points:
@@ -215,8 +226,14 @@ def _share(ratio: float | None) -> str:
 _SYSTEM_LABELS = {"laffi": "laffi", "laffi_reflect": "laffi (reflect)", "sft": "sft", "base": "base"}
 
 
-def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: Sequence[dict], notes: Sequence[str],
-             attention: str = "") -> str:
+def markdown(
+    title: str,
+    jobs: Sequence[Job],
+    summary: Sequence[dict],
+    paired: Sequence[dict],
+    notes: Sequence[str],
+    attention: str = "",
+) -> str:
     done = [j for j in jobs if j.metrics is not None]
     missing = [j.name for j in jobs if j.metrics is None]
     lines = [f"# {title}", "", f"{len(jobs)} job(s): {len(done)} with metrics"]
@@ -233,8 +250,13 @@ def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: S
             f"| {r['method']} | {_share(r['human_ratio'])} | {r['protocol']} | {_pm(r['exact_mean'], r['exact_ci95'])} "
             f"| {_pm(r['f1_mean'], r['f1_ci95'])} | {r['n']} |"
         )
-    lines += ["", "EM and F1 in %: mean over seeds ± 95% CI half-width (Student t); n = seeds. "
-              "base is the untrained model, scored in every run on the same test questions."]
+    lines += [
+        "",
+        (
+            "EM and F1 in %: mean over seeds ± 95% CI half-width (Student t); n = seeds. "
+            "base is the untrained model, scored in every run on the same test questions."
+        ),
+    ]
     pooled = [r for r in paired if r["seed"] == "pooled"]
     if pooled:
         lines += [
@@ -246,12 +268,18 @@ def markdown(title: str, jobs: Sequence[Job], summary: Sequence[dict], paired: S
         ]
         for r in pooled:
             lines.append(
-                f"| {_SYSTEM_LABELS[r['system_a']]} − {_SYSTEM_LABELS[r['system_b']]} | {_share(r['human_ratio'])} | {r['n_seeds']} | {r['n_questions']} "
+                f"| {_SYSTEM_LABELS[r['system_a']]} − {_SYSTEM_LABELS[r['system_b']]} | {_share(r['human_ratio'])} "
+                f"| {r['n_seeds']} | {r['n_questions']} "
                 f"| {r['exact_diff']:+.1f} [{r['exact_ci_low']:+.1f}, {r['exact_ci_high']:+.1f}] "
                 f"| {r['f1_diff']:+.1f} [{r['f1_ci_low']:+.1f}, {r['f1_ci_high']:+.1f}] |"
             )
-        lines += ["", "Per question, pooled over seeds; CI: percentile bootstrap over test questions "
-                  f"({RESAMPLES} resamples). Per seed: paired.csv."]
+        lines += [
+            "",
+            (
+                "Per question, pooled over seeds; CI: percentile bootstrap over test questions "
+                f"({RESAMPLES} resamples). Per seed: paired.csv."
+            ),
+        ]
     if attention:
         lines += attention.rstrip("\n").split("\n")
     if notes:
@@ -282,7 +310,10 @@ def attention_section(jobs: Sequence[Job], out: Path, notes: list[str]) -> tuple
 
 
 def build_report(
-    sweep_dir: str | Path, out_dir: str | Path | None = None, resamples: int = RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    resamples: int = RESAMPLES,
+    bootstrap_seed: int = BOOTSTRAP_SEED,
 ) -> Report:
     """Read the sweep and write every report file into ``out_dir`` (default: the sweep dir).
 
@@ -311,9 +342,15 @@ def build_report(
     report = Report(sweep_dir, out, jobs, summary, paired, markdown="", notes=notes)
     report.files.append(atomic_write_text(out / "results.csv", _csv_text(*results_table(jobs))))
     columns = summary_columns()
-    report.files.append(atomic_write_text(out / "summary.csv", _csv_text(columns, ([r[c] for c in columns] for r in summary))))
+    report.files.append(
+        atomic_write_text(out / "summary.csv", _csv_text(columns, ([r[c] for c in columns] for r in summary)))
+    )
     if paired:
-        report.files.append(atomic_write_text(out / "paired.csv", _csv_text(PAIRED_COLUMNS, ([r[c] for c in PAIRED_COLUMNS] for r in paired))))
+        report.files.append(
+            atomic_write_text(
+                out / "paired.csv", _csv_text(PAIRED_COLUMNS, ([r[c] for c in PAIRED_COLUMNS] for r in paired))
+            )
+        )
     try:
         figure = plot_ablation(summary, out / "ablation.png", title)
     except ImportError as err:  # matplotlib is optional for the tables
@@ -347,10 +384,14 @@ class ReportCallback(Callback):
         except Exception:
             log.exception(
                 "Sweep report FAILED for %s (the runs themselves are unaffected); "
-                "retry with: python -m laffi_exp.report %s", sweep_dir, sweep_dir
+                "retry with: python -m laffi_exp.report %s",
+                sweep_dir,
+                sweep_dir,
             )
             return
         log.info(
             "Sweep report: %d job(s), %d without metrics; wrote %s",
-            len(report.jobs), len(report.missing), ", ".join(str(p) for p in report.files),
+            len(report.jobs),
+            len(report.missing),
+            ", ".join(str(p) for p in report.files),
         )

@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from laffi_exp.core.hashing import code_versions, file_digest, fingerprint, folder_fingerprint
 from laffi_exp.core.config import NO_RESULT_GROUPS, NO_RESULT_LEAVES, TRANSPORT_KEYS, flatten
 from laffi_exp.core.errors import ConfigError
+from laffi_exp.core.hashing import code_versions, file_digest, fingerprint, folder_fingerprint
 from laffi_exp.core.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,17 @@ def finished_metrics(cfg: DictConfig, out: Path) -> dict | None:
         return read_json(out / "metrics.json")
     old, new = flatten(manifest.get("config", {})), flatten(current["config"])
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    changed += [f"the contents of {k}" for k in sorted(current["inputs"]) if manifest.get("inputs", {}).get(k) != current["inputs"][k]]
-    changed += [f"the {k} version" for k in sorted(current["code"]) if manifest.get("code", {}).get(k) != current["code"][k]]
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old.keys() | new.keys() else k for k in changed[:5]) + (" ..." if len(changed) > 5 else "")
+    changed += [
+        f"the contents of {k}"
+        for k in sorted(current["inputs"])
+        if manifest.get("inputs", {}).get(k) != current["inputs"][k]
+    ]
+    changed += [
+        f"the {k} version" for k in sorted(current["code"]) if manifest.get("code", {}).get(k) != current["code"][k]
+    ]
+    shown = ", ".join(
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old.keys() | new.keys() else k for k in changed[:5]
+    ) + (" ..." if len(changed) > 5 else "")
     if cfg.cache.on_changed != "rerun":
         raise ConfigError(
             f"{out} holds a finished run with a different config ({shown}); results of two configs are never "
@@ -104,7 +113,9 @@ def finished_metrics(cfg: DictConfig, out: Path) -> dict | None:
     for item in out.iterdir():
         if item != aside and item.name != ".hydra" and not item.name.startswith("replaced-") and item.suffix != ".log":
             shutil.move(str(item), aside / item.name)
-    log.warning("%s held a run with a different config (%s): moved its artifacts to %s and running again", out, shown, aside)
+    log.warning(
+        "%s held a run with a different config (%s): moved its artifacts to %s and running again", out, shown, aside
+    )
     return None
 
 

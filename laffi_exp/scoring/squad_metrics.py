@@ -8,15 +8,16 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "best_scores",
     "compute_exact",
     "compute_f1",
     "evaluate",
-    "is_correct",
     "golds_from_dataset",
+    "is_correct",
     "missing_ids",
     "normalize_answer",
     "score_examples",
@@ -155,12 +156,10 @@ def score_examples(
         exact_raw[qid], f1_raw[qid] = best_scores(answers, pred)
 
     # Without probabilities nothing is above the default threshold, as in the official script.
-    probs = na_probs if na_probs is not None else {qid: 0.0 for qid in preds}
+    probs = na_probs if na_probs is not None else dict.fromkeys(preds, 0.0)
     lacking = [qid for qid in exact_raw if qid not in probs]
     if lacking:
-        raise ValueError(
-            f"no-answer probability missing for {len(lacking)} predicted question(s), e.g. {lacking[0]!r}"
-        )
+        raise ValueError(f"no-answer probability missing for {len(lacking)} predicted question(s), e.g. {lacking[0]!r}")
 
     exact = _apply_no_answer_threshold(exact_raw, golds, probs, has_ans, na_prob_thresh)
     f1 = _apply_no_answer_threshold(f1_raw, golds, probs, has_ans, na_prob_thresh)
@@ -176,9 +175,7 @@ def score_examples(
                 result[f"{prefix}_{key}"] = value
     if na_probs is not None:
         total = len(golds)
-        result["best_exact"], result["best_exact_thresh"] = _best_threshold(
-            exact_raw, preds, na_probs, has_ans, total
-        )
+        result["best_exact"], result["best_exact_thresh"] = _best_threshold(exact_raw, preds, na_probs, has_ans, total)
         result["best_f1"], result["best_f1_thresh"] = _best_threshold(f1_raw, preds, na_probs, has_ans, total)
     return result
 

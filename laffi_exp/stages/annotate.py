@@ -43,13 +43,22 @@ def annotate(s: Setup, answers: dict[str, list[Answer]]) -> Annotated:
         human_time = human.time_report(check.used)  # rows with `seconds`
     feedback, report, fallback = {}, {}, 0
     for split, prefix in SPLITS.items():
-        result = hybrid.annotate(s.splits[split], answers[split], human, synthetic, cfg.feedback.human_ratio, cfg.seed,
-                                 overlap_ratio=cfg.feedback.overlap_ratio)
+        result = hybrid.annotate(
+            s.splits[split],
+            answers[split],
+            human,
+            synthetic,
+            cfg.feedback.human_ratio,
+            cfg.seed,
+            overlap_ratio=cfg.feedback.overlap_ratio,
+        )
         feedback[split], fallback = result.feedback, fallback + result.fallback
         write_jsonl(s.out / f"{prefix}feedback.jsonl", result.feedback)
         if result.overlap:
-            write_jsonl(s.out / f"{prefix}overlap_feedback.jsonl",
-                        [{"human": dataclasses.asdict(h), "synthetic": dataclasses.asdict(y)} for h, y in result.overlap])
+            write_jsonl(
+                s.out / f"{prefix}overlap_feedback.jsonl",
+                [{"human": dataclasses.asdict(h), "synthetic": dataclasses.asdict(y)} for h, y in result.overlap],
+            )
         report[split] = feedback_report(s.splits[split], result.feedback, result.overlap)
     if human_time:
         report["human_time"] = human_time  # time per human-annotated example used, train and validation
@@ -58,6 +67,7 @@ def annotate(s: Setup, answers: dict[str, list[Answer]]) -> Annotated:
     metrics = {
         "feedback/human_share": sum(f.source == "human" for f in train) / len(train),
         "feedback/human_fallback": fallback,
-        "feedback/base_correct_share": sum(is_correct(ex, f.prediction) for ex, f in zip(s.splits["train"], train)) / len(train),
+        "feedback/base_correct_share": sum(is_correct(ex, f.prediction) for ex, f in zip(s.splits["train"], train))
+        / len(train),
     }
     return Annotated(feedback, metrics, numbers(report["train"], prefix="feedback_report"))

@@ -4,7 +4,7 @@ post-processed into a SQuAD answer."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 
@@ -31,8 +31,15 @@ def predict(s: Setup) -> dict[str, list[Answer]]:
 def predict_split(s: Setup, split: str) -> list[Answer]:
     """The base model's answers to one split's questions."""
     gen = s.cfg.generation
-    return predict_answers(s.model, s.tokenizer, s.splits[split], s.prompter, gen.max_new_tokens, gen.batch_size,
-                           generate_fn=s.generator(s.model, s.model_key, f"answer_{split}"))
+    return predict_answers(
+        s.model,
+        s.tokenizer,
+        s.splits[split],
+        s.prompter,
+        gen.max_new_tokens,
+        gen.batch_size,
+        generate_fn=s.generator(s.model, s.model_key, f"answer_{split}"),
+    )
 
 
 def stage1_answers(cfg: DictConfig) -> tuple[dict[str, list[QAExample]], dict[str, list[Answer]]]:
@@ -41,7 +48,6 @@ def stage1_answers(cfg: DictConfig) -> tuple[dict[str, list[QAExample]], dict[st
     stage cache."""
     s = setup(cfg)
     return s.splits, {split: predict_split(s, split) for split in SPLITS}
-
 
 
 def predict_answers(
@@ -63,7 +69,9 @@ def predict_answers(
     if generate_fn is not None:
         generations = generate_fn(prompts, max_new_tokens, groups)
     else:
-        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc, groups=groups)
+        generations = generate(
+            model, tokenizer, prompts, max_new_tokens, batch_size, max_prompt_tokens, desc, groups=groups
+        )
     return [
         Answer(id=ex.id, question=ex.question, prediction=prompter.to_answer(g), generation=g)
         for ex, g in zip(examples, generations)
@@ -73,5 +81,3 @@ def predict_answers(
 def as_predictions(answers: Sequence[Answer]) -> dict[str, str]:
     """The official SQuAD predictions format: question id → answer text."""
     return {a.id: a.prediction for a in answers}
-
-

@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from filelock import FileLock
 
@@ -90,11 +91,14 @@ class StageCache:
         return target
 
     def _event(self, label: str, spec: Any, hit: bool, started: float) -> None:
-        self.events[label] = {"key": self.key(spec), "hit": hit, "cached": self.enabled, "seconds": round(time.time() - started, 2)}
+        self.events[label] = {
+            "key": self.key(spec),
+            "hit": hit,
+            "cached": self.enabled,
+            "seconds": round(time.time() - started, 2),
+        }
 
-    def get_or_build(
-        self, stage: str, spec: Any, build: Callable[[Path], None], label: str | None = None
-    ) -> Path:
+    def get_or_build(self, stage: str, spec: Any, build: Callable[[Path], None], label: str | None = None) -> Path:
         """``label`` names the event in ``self.events`` (default: the stage)."""
         started = time.time()
         if not self.enabled:
@@ -209,12 +213,24 @@ def batched(
         plan, shared = batches(tokenizer, prompts, batch_size, groups)
         results = in_chunks(folder, plan, lambda mine: work(mine, shared), len(prompts), chunk_batches, label)
         if distributed.world_size() > 1:
-            log.info("Generation %s: rank %d/%d generated %d of %d prompts", label, distributed.rank(),
-                     distributed.world_size(), len(distributed.my_share(plan)), len(prompts))
+            log.info(
+                "Generation %s: rank %d/%d generated %d of %d prompts",
+                label,
+                distributed.rank(),
+                distributed.world_size(),
+                len(distributed.my_share(plan)),
+                len(prompts),
+            )
         return results
 
-    results = cache.get_or_compute(stage, spec, compute, lambda entry, values: file.write(entry / file.name, values),
-                                   lambda entry: file.read(entry / file.name), label=label)
+    results = cache.get_or_compute(
+        stage,
+        spec,
+        compute,
+        lambda entry, values: file.write(entry / file.name, values),
+        lambda entry: file.read(entry / file.name),
+        label=label,
+    )
     drop(folder)
     return results
 

@@ -10,9 +10,10 @@ Two protocols:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from laffi_exp import distributed
 from laffi_exp.core.io import write_json, write_jsonl
@@ -51,8 +52,15 @@ def evaluate(s: Setup, trained: Trained) -> Evaluated:
     cfg, gen, test, model = s.cfg, s.cfg.generation, s.splits["test"], trained.model
 
     def answer(model_key: str, label: str, na_label: str) -> tuple[list[Answer], dict[str, float] | None]:
-        answers = predict_answers(model, s.tokenizer, test, s.prompter, gen.max_new_tokens, gen.batch_size,
-                                  generate_fn=s.generator(model, model_key, label))
+        answers = predict_answers(
+            model,
+            s.tokenizer,
+            test,
+            s.prompter,
+            gen.max_new_tokens,
+            gen.batch_size,
+            generate_fn=s.generator(model, model_key, label),
+        )
         if not cfg.evaluation.na_probs:
             return answers, None
         logprobs = partial(s.likelihoods, model, model_key, label=na_label)
@@ -65,7 +73,9 @@ def evaluate(s: Setup, trained: Trained) -> Evaluated:
         write_json(s.out / "base_predictions.json", as_predictions(base_answers))
         write_json(s.out / "predictions.json", as_predictions(answers))
         write_jsonl(s.out / "test_generations.jsonl", answers)
-        if base_na is not None:  # score again: `python -m laffi_exp.score eval_data.json predictions.json --na-prob-file na_probs.json`
+        if (
+            base_na is not None
+        ):  # score again: `python -m laffi_exp.score eval_data.json predictions.json --na-prob-file na_probs.json`
             write_json(s.out / "base_na_probs.json", base_na)
             write_json(s.out / "na_probs.json", test_na)
     metrics = {
@@ -76,8 +86,16 @@ def evaluate(s: Setup, trained: Trained) -> Evaluated:
     }
     reflections = []
     if cfg.method.trains_on_feedback and "reflect" in cfg.evaluation.protocols:
-        reflections = reflect(model, s.tokenizer, test, answers, s.prompter, gen.feedback_max_new_tokens, gen.batch_size,
-                              generate_fn=s.generator(model, trained.key, "reflect"))
+        reflections = reflect(
+            model,
+            s.tokenizer,
+            test,
+            answers,
+            s.prompter,
+            gen.feedback_max_new_tokens,
+            gen.batch_size,
+            generate_fn=s.generator(model, trained.key, "reflect"),
+        )
         reflect_predictions = {r.id: r.prediction for r in reflections}
         if distributed.is_main():
             write_json(s.out / "reflect_predictions.json", reflect_predictions)
@@ -118,9 +136,10 @@ def no_answer_probs(
     over its tokens given ``prompter.answer_prompt(example)`` (no EOS). For a question the model
     already answered with no-answer (prediction "") the probability is 1.0, with no likelihood.
 
-    ``logprob_fn(prompts, continuations, groups)`` returns those sums (e.g. ``laffi_exp.stages.answer.sequence_logprobs``;
-    ``groups`` names each pair's passage, read once); it is called once with every pair needed (two per answered question), or not at all when no
-    question was answered. Raises ValueError when an answer's id is not among ``examples`` or
+    ``logprob_fn(prompts, continuations, groups)`` returns those sums (e.g.
+    ``laffi_exp.stages.answer.sequence_logprobs``; ``groups`` names each pair's passage, read once); it is
+    called once with every pair needed (two per answered question), or not at all when no question was
+    answered. Raises ValueError when an answer's id is not among ``examples`` or
     ``logprob_fn`` returns the wrong number of values or a NaN difference.
     """
     by_id = {ex.id: ex for ex in examples}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -52,37 +53,98 @@ class Setup:
     rng: dict[str, Any]  # the random state after set-up, restored before the adapter is built
     metrics: dict[str, Any]  # what set-up measured (passages shortened to the window)
 
-    def generations(self, model, model_key: str, prompts: Sequence[str], max_new_tokens: int,
-                    groups: Sequence[Hashable] | None = None, label: str = "generate") -> list[str]:
+    def generations(
+        self,
+        model,
+        model_key: str,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        groups: Sequence[Hashable] | None = None,
+        label: str = "generate",
+    ) -> list[str]:
         """``generation.generate`` through the stage cache: the same model, prompts and settings are
         generated once. With several ranks each generates its share of the batches, and every rank
         gets all texts."""
         size = self.cfg.generation.batch_size
-        spec = {"model": model_key, "prompts": text_digest(prompts), "n": len(prompts), "max_new_tokens": max_new_tokens,
-                "batch_size": size, "groups": text_digest(groups) if groups else None}
+        spec = {
+            "model": model_key,
+            "prompts": text_digest(prompts),
+            "n": len(prompts),
+            "max_new_tokens": max_new_tokens,
+            "batch_size": size,
+            "groups": text_digest(groups) if groups else None,
+        }
 
         def work(mine: list[int], shared: list[int]) -> list[str]:
-            return generate(model, self.tokenizer, [prompts[i] for i in mine], max_new_tokens, size, desc=label,
-                            groups=[groups[i] for i in mine] if groups else None, shared=[shared[i] for i in mine])
+            return generate(
+                model,
+                self.tokenizer,
+                [prompts[i] for i in mine],
+                max_new_tokens,
+                size,
+                desc=label,
+                groups=[groups[i] for i in mine] if groups else None,
+                shared=[shared[i] for i in mine],
+            )
 
-        return batched(self.cache, "generations", spec, self.tokenizer, prompts, groups, size, work, GENERATIONS,
-                       self.cfg.cache.chunk_batches, label)
+        return batched(
+            self.cache,
+            "generations",
+            spec,
+            self.tokenizer,
+            prompts,
+            groups,
+            size,
+            work,
+            GENERATIONS,
+            self.cfg.cache.chunk_batches,
+            label,
+        )
 
-    def likelihoods(self, model, model_key: str, prompts: Sequence[str], continuations: Sequence[str],
-                    groups: Sequence[Hashable] | None = None, label: str = "likelihood") -> list[float]:
+    def likelihoods(
+        self,
+        model,
+        model_key: str,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        groups: Sequence[Hashable] | None = None,
+        label: str = "likelihood",
+    ) -> list[float]:
         """``generation.sequence_logprobs`` through the stage cache, shared between ranks like ``generations``."""
         size = self.cfg.generation.batch_size
         pairs = [p + "\x00" + c for p, c in zip(prompts, continuations)]
-        spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs), "batch_size": size,
-                "groups": text_digest(groups) if groups else None}
+        spec = {
+            "model": model_key,
+            "pairs": text_digest(pairs),
+            "n": len(pairs),
+            "batch_size": size,
+            "groups": text_digest(groups) if groups else None,
+        }
 
         def work(mine: list[int], shared: list[int]) -> list[float]:
-            return sequence_logprobs(model, self.tokenizer, [prompts[i] for i in mine], [continuations[i] for i in mine],
-                                     size, groups=[groups[i] for i in mine] if groups else None,
-                                     shared=[shared[i] for i in mine])
+            return sequence_logprobs(
+                model,
+                self.tokenizer,
+                [prompts[i] for i in mine],
+                [continuations[i] for i in mine],
+                size,
+                groups=[groups[i] for i in mine] if groups else None,
+                shared=[shared[i] for i in mine],
+            )
 
-        return batched(self.cache, "likelihoods", spec, self.tokenizer, prompts, groups, size, work, LOGPROBS,
-                       self.cfg.cache.chunk_batches, label)
+        return batched(
+            self.cache,
+            "likelihoods",
+            spec,
+            self.tokenizer,
+            prompts,
+            groups,
+            size,
+            work,
+            LOGPROBS,
+            self.cfg.cache.chunk_batches,
+            label,
+        )
 
     def generator(self, model, model_key: str, label: str) -> Callable[[list[str], int, list[str]], list[str]]:
         """``generations`` for one model, as the stages' ``generate_fn(prompts, max_new_tokens, groups)``."""
@@ -138,8 +200,21 @@ def setup(cfg: DictConfig) -> Setup:
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     # The adapter's initialisation draws from the global RNG; its cache key assumes the seed alone decides
     # it, so it must not depend on what stages 1 and 2 drew (an annotator model loaded on a cache miss).
-    return Setup(cfg, out, prompter, splits, model, tokenizer, key(model_spec), cache, human, synthetic, source,
-                 rng_state(), metrics)
+    return Setup(
+        cfg,
+        out,
+        prompter,
+        splits,
+        model,
+        tokenizer,
+        key(model_spec),
+        cache,
+        human,
+        synthetic,
+        source,
+        rng_state(),
+        metrics,
+    )
 
 
 def _check_annotators(*annotators: Annotator) -> None:

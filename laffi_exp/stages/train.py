@@ -47,7 +47,9 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
     build_pairs = instantiate(cfg.method.pairs)
     train_pairs = build_pairs(s.splits["train"], feedback.get("train", []), s.prompter)
     val_pairs = build_pairs(s.splits["validation"], feedback.get("validation", []), s.prompter)
-    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in NO_RESULT_TRAINER_KEYS}
+    trainer_cfg = {
+        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in NO_RESULT_TRAINER_KEYS
+    }
     spec = {
         "model": s.model_key,
         "train": text_digest(t for p in train_pairs for t in (p.prompt, p.target)),
@@ -66,15 +68,31 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
 
     def compute() -> dict[str, Any]:  # on every rank: Lightning's DDP/FSDP finds the process group started
         nonlocal model
-        datamodule = PairDataModule(s.tokenizer, train_pairs, val_pairs, cfg.method.batch_size, cfg.model.max_length,
-                                    cfg.seed, group_by_length=cfg.method.group_by_length)
+        datamodule = PairDataModule(
+            s.tokenizer,
+            train_pairs,
+            val_pairs,
+            cfg.method.batch_size,
+            cfg.model.max_length,
+            cfg.seed,
+            group_by_length=cfg.method.group_by_length,
+        )
         lora = instantiate(cfg.method.lora, _convert_="all")
         set_rng_state(s.rng)
-        module = LoRAFineTuner(s.model, lora, instantiate(cfg.method.optimizer), cfg.method.warmup_ratio,
-                               micro_batch_tokens=cfg.model.get("micro_batch_tokens"))
+        module = LoRAFineTuner(
+            s.model,
+            lora,
+            instantiate(cfg.method.optimizer),
+            cfg.method.warmup_ratio,
+            micro_batch_tokens=cfg.model.get("micro_batch_tokens"),
+        )
         history = HistoryLogger()
-        trainer = instantiate(cfg.trainer, logger=[*loggers.values(), history], default_root_dir=str(s.out),
-                              callbacks=[checkpoints] if checkpoints else None)
+        trainer = instantiate(
+            cfg.trainer,
+            logger=[*loggers.values(), history],
+            default_root_dir=str(s.out),
+            callbacks=[checkpoints] if checkpoints else None,
+        )
         sharded = isinstance(trainer.strategy, pl.strategies.FSDPStrategy)
         if sharded:
             fsdp.prepare_fsdp(trainer.strategy, module.model, trainer.precision)
@@ -85,11 +103,14 @@ def fine_tune(s: Setup, feedback: dict[str, list[Feedback]], loggers: dict[str, 
         with warnings.catch_warnings():  # the data position comes back through the sampler (PairDataModule)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        result = {"history": history.rows, "train": {
-            "train/examples": len(datamodule.train_set),
-            "train/dropped_too_long": datamodule.train_set.dropped,
-            "train/final_val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan")))),
-        }}
+        result = {
+            "history": history.rows,
+            "train": {
+                "train/examples": len(datamodule.train_set),
+                "train/dropped_too_long": datamodule.train_set.dropped,
+                "train/final_val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(float("nan")))),
+            },
+        }
         if sharded:  # FSDP flattened and sharded the model in place: rebuild it whole, with the trained adapter
             adapter = fsdp.gather_adapter(trainer.strategy, module.model)
             datamodule.trainer = None  # (Lightning's back-reference) so that nothing holds the sharded model
@@ -133,7 +154,9 @@ def training_checkpoints(cfg: DictConfig, key: str) -> TrainingCheckpoints | Non
     every = int(cfg.cache.get("checkpoint_every", 0) or 0)
     if every <= 0 or not cfg.cache.enabled:
         return None
-    one_process = distributed.world_size() == 1 and "strategy" not in cfg.trainer and cfg.trainer.get("devices", 1) in (1, "1")
+    one_process = (
+        distributed.world_size() == 1 and "strategy" not in cfg.trainer and cfg.trainer.get("devices", 1) in (1, "1")
+    )
     if not one_process or cfg.method.get("group_by_length") is False:
         log.info("Training checkpoints: written in one process with length-grouped batches only (not this run)")
         return None

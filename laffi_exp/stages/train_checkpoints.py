@@ -23,7 +23,11 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, path: Path | None):
         self.signum, self.step, self.path = signum, step, path
-        where = f"checkpoint {path}: the same command resumes it" if path else "no checkpoint yet: the same command starts it again"
+        where = (
+            f"checkpoint {path}: the same command resumes it"
+            if path
+            else "no checkpoint yet: the same command starts it again"
+        )
         super().__init__(f"stopped by {signal.Signals(signum).name} at training step {step}; {where}")
 
 

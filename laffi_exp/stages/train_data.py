@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from laffi_exp.core.prompts import Prompter
 from laffi_exp.core.records import Feedback, QAExample
+from laffi_exp.models.padding import pad
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ def laffi_pairs(examples: Sequence[QAExample], feedback: Sequence[Feedback], pro
     """Feedback prediction: given question, context and the model's own answer, produce the feedback."""
     by_id = {f.id: f for f in feedback}
     return [
-        Pair(ex.id, prompter.feedback_prompt(ex, by_id[ex.id].prediction), prompter.feedback_target(by_id[ex.id].feedback))
+        Pair(
+            ex.id,
+            prompter.feedback_prompt(ex, by_id[ex.id].prediction),
+            prompter.feedback_target(by_id[ex.id].feedback),
+        )
         for ex in examples
     ]
 
@@ -78,14 +83,8 @@ class PairDataset(Dataset):
 
 def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pads a batch; padding is masked out of attention and of the loss."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        attention_mask[row, : len(ids)] = 1
+    input_ids, attention_mask = pad([ids for ids, _ in batch], pad_id)
+    labels, _ = pad([lab for _, lab in batch], IGNORE_INDEX, width=input_ids.shape[1])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -127,8 +126,16 @@ class PairDataModule(pl.LightningDataModule):
     ``group_by_length`` the training batches hold examples of similar length (little padding); the
     validation batches are always cut from the pairs sorted by length (their order changes no loss)."""
 
-    def __init__(self, tokenizer, train: Sequence[Pair], val: Sequence[Pair], batch_size: int, max_length: int, seed: int,
-                 group_by_length: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        train: Sequence[Pair],
+        val: Sequence[Pair],
+        batch_size: int,
+        max_length: int,
+        seed: int,
+        group_by_length: bool = True,
+    ):
         super().__init__()
         self.tokenizer = tokenizer
         self.train_set = PairDataset(tokenizer, train, max_length, "train")
@@ -148,10 +155,17 @@ class PairDataModule(pl.LightningDataModule):
             sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
             sampler.skip = self.batch_size * self._batches_done_this_epoch()
             # its own generator: making the iterator draws no number from the global random state
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate,
-                              generator=torch.Generator().manual_seed(self.seed))
+            return DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                collate_fn=self._collate,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self._collate)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self._collate
+        )
 
     def _batches_done_this_epoch(self) -> int:
         """Training batches of the current epoch done before a checkpoint this run resumes from (0 otherwise):
@@ -164,4 +178,6 @@ class PairDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         by_length = sorted(range(len(self.val_set)), key=lambda i: len(self.val_set.items[i][0]))
-        return DataLoader(torch.utils.data.Subset(self.val_set, by_length), batch_size=self.batch_size, collate_fn=self._collate)
+        return DataLoader(
+            torch.utils.data.Subset(self.val_set, by_length), batch_size=self.batch_size, collate_fn=self._collate
+        )

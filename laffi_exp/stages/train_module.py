@@ -11,8 +11,9 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -52,9 +53,13 @@ def head_at_targets_works(model, batch: dict[str, torch.Tensor]) -> bool:
         positions = target_positions(row["labels"])
         with output_head_at(model, positions):
             picked = model(input_ids=row["input_ids"], attention_mask=row["attention_mask"], use_cache=False).logits
-        return picked.shape == full[positions].shape and torch.allclose(picked.float(), full[positions].float(), rtol=1e-3, atol=1e-4)
+        return picked.shape == full[positions].shape and torch.allclose(
+            picked.float(), full[positions].float(), rtol=1e-3, atol=1e-4
+        )
     except Exception as err:  # noqa: BLE001 - any failure means: compute the full logits instead
-        log.warning("The output head at target positions fails for %s (%s): computing full logits", type(model).__name__, err)
+        log.warning(
+            "The output head at target positions fails for %s (%s): computing full logits", type(model).__name__, err
+        )
         return False
     finally:
         model.train(was_training)
@@ -109,8 +114,15 @@ class LoRAFineTuner(pl.LightningModule):
     whole batch (its mean loss over target tokens, up to float rounding). One process only: under DDP
     each backward would all-reduce (use a smaller ``method.batch_size`` per rank there)."""
 
-    def __init__(self, model, lora_config, optimizer: Callable, warmup_ratio: float = 0.1, head_at_targets: bool = True,
-                 micro_batch_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        lora_config,
+        optimizer: Callable,
+        warmup_ratio: float = 0.1,
+        head_at_targets: bool = True,
+        micro_batch_tokens: int | None = None,
+    ):
         super().__init__()
         from peft import get_peft_model
 
@@ -149,15 +161,23 @@ class LoRAFineTuner(pl.LightningModule):
                 done = done + piece.detach()
             last = self.loss(parts[-1]) * share[-1]
             loss = last + done  # the batch's mean loss; only ``last`` carries a graph
-        self.log("train/loss", loss.detach() if len(parts) > 1 else loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=batch["input_ids"].shape[0])
+        self.log(
+            "train/loss",
+            loss.detach() if len(parts) > 1 else loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch["input_ids"].shape[0],
+        )
         return loss
 
     # -- checkpoints (TrainingCheckpoints): the adapter, the loss history and the random state ----------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["laffi_history"] = [row for lg in self.trainer.loggers if isinstance(lg, HistoryLogger) for row in lg.rows]
+        checkpoint["laffi_history"] = [
+            row for lg in self.trainer.loggers if isinstance(lg, HistoryLogger) for row in lg.rows
+        ]
         checkpoint["laffi_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -204,7 +224,11 @@ class LoRAFineTuner(pl.LightningModule):
         gradients: the norm is the sharded module's, over all ranks (Lightning refuses norm clipping there)."""
         from pytorch_lightning.strategies import FSDPStrategy
 
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+        if (
+            gradient_clip_val
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+            and gradient_clip_algorithm in (None, "norm")
+        ):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -225,8 +249,12 @@ def save_adapter(peft_model, folder: Path) -> None:
 def rng_state() -> dict[str, Any]:
     """The global random state (python, numpy, torch CPU and CUDA), in types a checkpoint loads safely."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
