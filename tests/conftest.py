@@ -22,14 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # A model and data small enough for a CPU test in seconds; every key is a real config key.
 TINY_MODEL = [
-    "model.source.architecture.hidden_size=32",
-    "model.source.architecture.intermediate_size=64",
-    "model.source.architecture.num_hidden_layers=1",
-    "model.source.architecture.num_attention_heads=2",
-    "model.source.architecture.num_key_value_heads=2",
-    "model.source.vocab_size=400",
-    "model.source.warmup_questions=200",
-    "model.source.warmup_steps=10",
+    "model.architecture.hidden_size=32",
+    "model.architecture.intermediate_size=64",
+    "model.architecture.num_hidden_layers=1",
+    "model.architecture.num_attention_heads=2",
+    "model.architecture.num_key_value_heads=2",
+    "model.vocab_size=400",
+    "model.warmup_questions=200",
+    "model.warmup_steps=10",
     "model.max_length=384",
 ]
 TINY = [

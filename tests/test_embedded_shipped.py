@@ -11,14 +11,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from laffi_exp.core.config import CONF_DIR
+from laffi_exp.core.config import CONF_DIR, model_source
 from laffi_exp.models.embedded import SHIPPED_DIR
 
 
 def _default_source(tmp_path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
-    return cfg, instantiate(cfg.model.source)
+    return cfg, instantiate(model_source(cfg))
 
 
 def test_the_package_ships_the_default_configs_build(tmp_path):
@@ -43,7 +43,7 @@ def test_a_damaged_shipped_file_is_not_used(tmp_path, caplog):
 
 
 def test_another_config_is_not_the_shipped_build(tmp_path):
-    _, source = _default_source(tmp_path, "model.source.warmup_steps=10")
+    _, source = _default_source(tmp_path, "model.warmup_steps=10")
     assert source.shipped() is None  # built and cached as before
 
 
@@ -52,10 +52,10 @@ def test_a_rebuild_answers_like_the_shipped_model(tmp_path):
     """Rebuilt from scratch on this machine, the base answers the default run's test questions as the
     shipped one does: bit-identical weights are expected on the same CPU type and torch build; elsewhere
     the EM of the two on the 600 test questions must agree within 3 points."""
+    from laffi_exp.core.prompts import Prompter
+    from laffi_exp.data.squad_format import examples_from_squad
     from laffi_exp.stages import evaluate
     from laffi_exp.stages.answer import as_predictions, predict_answers
-    from laffi_exp.data.squad_format import examples_from_squad
-    from laffi_exp.core.prompts import Prompter
 
     cfg, source = _default_source(tmp_path)
     shipped, rebuilt = source.load(), source.load(build=True)

@@ -1,4 +1,4 @@
-"""The embedded base's feedback writer (``model.source.feedback_writer``): it comes from the config, since
+"""The embedded base's feedback writer (``model.feedback_writer``): it comes from the config, since
 models sit below feedback; it writes the warm-up corpus's feedback texts only, is not part of the weights'
 key, is not needed to load a build, and building without one is a one-line config error."""
 
@@ -10,9 +10,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from laffi_exp.core.config import CONF_DIR
+from laffi_exp.core.config import CONF_DIR, model_source
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.models.embedded import SHIPPED_DIR, EmbeddedBase
 
@@ -20,7 +19,7 @@ from laffi_exp.models.embedded import SHIPPED_DIR, EmbeddedBase
 def _source_cfg(tmp_path, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
-    return OmegaConf.to_container(cfg.model.source, resolve=True)
+    return model_source(cfg)
 
 
 def _without_writer(tmp_path, *overrides: str) -> EmbeddedBase:
@@ -31,7 +30,10 @@ def _without_writer(tmp_path, *overrides: str) -> EmbeddedBase:
 
 def test_the_writer_is_configured_and_not_in_the_weights_key(tmp_path):
     source_cfg = _source_cfg(tmp_path)
-    assert source_cfg["feedback_writer"] == {"_target_": "laffi_exp.feedback.simulated.SimulatedHuman", "_partial_": True}
+    assert source_cfg["feedback_writer"] == {
+        "_target_": "laffi_exp.feedback.simulated.SimulatedHuman",
+        "_partial_": True,
+    }
     source = instantiate(source_cfg)
     annotator = source.feedback_writer(source.seed)
     assert type(annotator).__name__ == "SimulatedHuman" and annotator.seed == source.seed
@@ -46,16 +48,19 @@ def test_the_shipped_build_loads_without_a_writer(tmp_path):
 
 
 def test_building_without_a_writer_is_one_config_error(tmp_path):
-    source = _without_writer(tmp_path, "model.source.warmup_steps=10")  # not the shipped build
+    source = _without_writer(tmp_path, "model.warmup_steps=10")  # not the shipped build
     for attempt in (source.load, source.build):
         with pytest.raises(ConfigError) as err:
             attempt()
         message = str(err.value)
-        assert message.startswith("model.source.feedback_writer:") and "\n" not in message
+        assert message.startswith("model.feedback_writer:") and "\n" not in message
     assert not (tmp_path / "cache").exists()  # refused before anything is written
 
 
 def test_models_do_not_import_feedback():
-    code = "import sys, laffi_exp.models.embedded; print(sorted(m for m in sys.modules if m.startswith('laffi_exp.feedback')))"
+    code = (
+        "import sys, laffi_exp.models.embedded; "
+        "print(sorted(m for m in sys.modules if m.startswith('laffi_exp.feedback')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -4,7 +4,7 @@ against its sha256 on load), so a first run starts at once; any other config is 
 ``python -m laffi_exp.models.embedded`` finds it (``--build``: builds it into the cache even where the
 package ships it) and prints where it is.
 
-Building needs ``feedback_writer`` (``model.source.feedback_writer``), the annotator that writes the feedback
+Building needs ``feedback_writer`` (``model.feedback_writer``), the annotator that writes the feedback
 texts of the warm-up corpus: a layer above this one (``laffi_exp.feedback``), so it comes from the config;
 loading a build needs none.
 """
@@ -18,19 +18,20 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from filelock import FileLock
 
-from laffi_exp.data.squad_format import examples_from_squad
-from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
 from laffi_exp.core.errors import ConfigError
 from laffi_exp.core.hashing import unit_hash
 from laffi_exp.core.io import atomic_write_text
-from laffi_exp.models.base import BaseModel
 from laffi_exp.core.prompts import Prompter
+from laffi_exp.data.squad_format import examples_from_squad
+from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
+from laffi_exp.models.base import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class EmbeddedBase:
     def check(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(self.architecture.get(name), int) or self.architecture[name] <= 0:
-                raise ConfigError(f"model.source.architecture.{name}: expected a positive integer")
+                raise ConfigError(f"model.architecture.{name}: expected a positive integer")
 
     def shipped(self, folder: Path = SHIPPED_DIR) -> Path | None:
         """The package's build of this spec, if it ships one and every file matches its sha256."""
@@ -141,7 +142,7 @@ class EmbeddedBase:
     def _check_writer(self) -> None:
         if not callable(self.feedback_writer):
             raise ConfigError(
-                "model.source.feedback_writer: building the embedded base model needs a feedback writer (seed -> "
+                "model.feedback_writer: building the embedded base model needs a feedback writer (seed -> "
                 "annotator), e.g. {_target_: laffi_exp.feedback.simulated.SimulatedHuman, _partial_: true}"
             )
 
@@ -165,8 +166,12 @@ class EmbeddedBase:
             candidate = ex.gold
             if u < self.feedback_share / 2:  # a wrong candidate
                 others = [a for a in spans[ex.context] if a not in ex.answers]
-                candidate = others[0] if others else ("" if ex.answers else spans[ex.context][0] if spans[ex.context] else "")
-            texts.append(prompter.feedback_prompt(ex, candidate) + prompter.feedback_target(human.annotate(ex, candidate)))
+                candidate = (
+                    others[0] if others else ("" if ex.answers else spans[ex.context][0] if spans[ex.context] else "")
+                )
+            texts.append(
+                prompter.feedback_prompt(ex, candidate) + prompter.feedback_target(human.annotate(ex, candidate))
+            )
         return texts
 
     def _tokenizer(self, texts: list[str]):
@@ -217,7 +222,9 @@ class EmbeddedBase:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(config)
-            losses = _warm_up(model, tokenizer, texts, self.warmup_steps, self.batch_size, self.lr, self.weight_decay, self.seed)
+            losses = _warm_up(
+                model, tokenizer, texts, self.warmup_steps, self.batch_size, self.lr, self.weight_decay, self.seed
+            )
         tmp = self.path.with_name(self.path.name + f".tmp{int(start)}")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -282,21 +289,27 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from laffi_exp.core.config import CONF_DIR
+    from laffi_exp.core.config import CONF_DIR, model_source
 
     args = sys.argv[1:]
     if {"-h", "--help"} & set(args):
-        print("usage: python -m laffi_exp.models.embedded [--build] [KEY=VALUE ...]\n\n"
-              "Find (or build once) the embedded base model of the config (conf/config.yaml with the Hydra\n"
-              "overrides given, e.g. model.source.warmup_steps=100) and print its folder.\n\n"
-              "  --build  build it into paths.cache_dir even where the package ships this build")
+        print(
+            "usage: python -m laffi_exp.models.embedded [--build] [KEY=VALUE ...]\n\n"
+            "Find (or build once) the embedded base model of the config (conf/config.yaml with the Hydra\n"
+            "overrides given, e.g. model.warmup_steps=100) and print its folder.\n\n"
+            "  --build  build it into paths.cache_dir even where the package ships this build"
+        )
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build = "--build" in args  # into the cache, even where the package ships this build
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[a for a in args if a != "--build"])
-    base = instantiate(cfg.model.source)
-    print(base.load(build=build).path)
+    base = instantiate(model_source(cfg))
+    try:
+        print(base.load(build=build).path)
+    except ConfigError as err:  # as the main CLI: one line, exit code 2
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
