@@ -32,6 +32,7 @@ from laffi_exp.core.prompts import Prompter
 from laffi_exp.data.squad_format import examples_from_squad
 from laffi_exp.data.synthetic import GENERATOR_VERSION, generate
 from laffi_exp.models.base import BaseModel
+from laffi_exp.models.padding import pad
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,8 @@ def _warm_up(model, tokenizer, texts, steps, batch_size, lr, weight_decay, seed)
     eos = tokenizer.eos_token
     enc = [tokenizer(t + eos, add_special_tokens=True)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    # The loop that built the shipped weights, kept by hand so that a rebuild reproduces them bit for bit: no
+    # transformers schedule is this ramp times a cosine over every step (each gives other weights from step 0).
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
@@ -264,12 +267,7 @@ def _warm_up(model, tokenizer, texts, steps, batch_size, lr, weight_decay, seed)
     for step in bar:
         idx = torch.randint(len(enc), (batch_size,), generator=gen).tolist()
         batch = [enc[i] for i in idx]
-        width = max(map(len, batch))
-        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad(batch, tokenizer.pad_token_id)
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()

@@ -211,6 +211,8 @@ class LoRAFineTuner(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.warmup_ratio * total))
 
+        # Not transformers.get_cosine_schedule_with_warmup: its warm-up gives step 0 a learning rate of 0 (a
+        # step that trains nothing) where this one gives 1/warmup; switching would change every trained adapter.
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
