@@ -1,3 +1,3 @@
 """laffi_exp: the experiment pipeline for LaFFi (fine-tuning LMs to predict natural-language feedback)."""
 
-__version__ = "0.3.0"  # bump when a change can alter a result: it is part of every cache key and run fingerprint
+__version__ = "0.4.0"  # bump when a change can alter a result: it is part of every cache key and run fingerprint

@@ -212,12 +212,14 @@ def batched(
     def compute() -> list[Any]:
         plan, shared = batches(tokenizer, prompts, batch_size, groups)
         results = in_chunks(folder, plan, lambda mine: work(mine, shared), len(prompts), chunk_batches, label)
-        if distributed.world_size() > 1:
+        if distributed.world_size() > 1:  # what each rank did (the two-rank tests read the generation lines)
             log.info(
-                "Generation %s: rank %d/%d generated %d of %d prompts",
+                "%s %s: rank %d/%d %s %d of %d prompts",
+                "Generation" if stage == "generations" else "Likelihoods",
                 label,
                 distributed.rank(),
                 distributed.world_size(),
+                "generated" if stage == "generations" else "scored",
                 len(distributed.my_share(plan)),
                 len(prompts),
             )
