@@ -5,13 +5,12 @@ with an uninterrupted two-rank run's stage files and metrics (slow: three launch
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .conftest import TINY
@@ -55,8 +54,11 @@ def test_a_killed_two_rank_generation_resumes_from_its_chunks(cache_dir, tmp_pat
             assert proc.poll() is None, "the launch ended before it committed a chunk"
             assert time.monotonic() < deadline, "no chunk committed in 10 minutes"
             time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-stage
+    finally:  # torchrun and both ranks, mid-stage (the ranks are torchrun's children, not in its process group)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for process in tree:
+            process.kill()
+        psutil.wait_procs(tree, timeout=60)
         proc.wait()
     committed = list((stages / "partial" / "generations").glob("*/chunk-*.json"))
     assert committed and not (tmp_path / "run" / "metrics.json").exists()
