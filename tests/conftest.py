@@ -77,3 +77,20 @@ def make_cfg(tmp_path, cache_dir):
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (the shared/ folder beside the project)")
+
+
+# Every artifact a laffi run writes (the pipeline, distributed and default-run tests check them).
+ARTIFACTS = [
+    "config.yaml",
+    "answers.jsonl",
+    "feedback.jsonl",
+    "predictions.json",
+    "base_predictions.json",
+    "reflect_predictions.json",
+    "metrics.json",
+    "eval_data.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/config.yaml",
+    "csv/metrics.csv",
+]

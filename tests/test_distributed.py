@@ -21,25 +21,10 @@ from laffi_exp import distributed
 from laffi_exp.models.generation import batches
 from laffi_exp.stages.cache import StageCache
 
-from .conftest import TINY
+from .conftest import ARTIFACTS, TINY
 from .test_pipeline import SQUAD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every artifact of a run (as tests/test_pipeline.py::test_laffi_run_writes_every_artifact lists them).
-ARTIFACTS = [
-    "config.yaml",
-    "answers.jsonl",
-    "feedback.jsonl",
-    "predictions.json",
-    "base_predictions.json",
-    "reflect_predictions.json",
-    "metrics.json",
-    "eval_data.json",
-    "adapter/adapter_model.safetensors",
-    "adapter/adapter_config.json",
-    "adapter/config.yaml",
-    "csv/metrics.csv",
-]
 GENERATED = re.compile(r"Generation (\w+): rank (\d+)/(\d+) generated (\d+) of (\d+) prompts")
 
 

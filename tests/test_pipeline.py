@@ -11,6 +11,8 @@ from laffi_exp.core.io import read_jsonl
 from laffi_exp.pipeline import run
 from laffi_exp.scoring.squad_metrics import evaluate
 
+from .conftest import ARTIFACTS
+
 SQUAD_KEYS = ["exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"]
 
 
@@ -33,20 +35,7 @@ def laffi_run(tmp_path_factory, cache_dir):
 
 def test_laffi_run_writes_every_artifact(laffi_run):
     cfg, metrics, out = laffi_run
-    for name in [
-        "config.yaml",
-        "answers.jsonl",
-        "feedback.jsonl",
-        "predictions.json",
-        "base_predictions.json",
-        "reflect_predictions.json",
-        "metrics.json",
-        "eval_data.json",
-        "adapter/adapter_model.safetensors",
-        "adapter/adapter_config.json",
-        "adapter/config.yaml",
-        "csv/metrics.csv",
-    ]:
+    for name in ARTIFACTS:
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics

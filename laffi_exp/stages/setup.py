@@ -65,17 +65,14 @@ class Setup:
         """``generation.generate`` through the stage cache: the same model, prompts and settings are
         generated once. With several ranks each generates its share of the batches, and every rank
         gets all texts."""
-        size = self.cfg.generation.batch_size
         spec = {
             "model": model_key,
             "prompts": text_digest(prompts),
             "n": len(prompts),
             "max_new_tokens": max_new_tokens,
-            "batch_size": size,
-            "groups": text_digest(groups) if groups else None,
         }
 
-        def work(mine: list[int], shared: list[int]) -> list[str]:
+        def work(mine: list[int], shared: list[int], size: int) -> list[str]:
             return generate(
                 model,
                 self.tokenizer,
@@ -87,19 +84,7 @@ class Setup:
                 shared=[shared[i] for i in mine],
             )
 
-        return batched(
-            self.cache,
-            "generations",
-            spec,
-            self.tokenizer,
-            prompts,
-            groups,
-            size,
-            work,
-            GENERATIONS,
-            self.cfg.cache.chunk_batches,
-            label,
-        )
+        return self._batched("generations", spec, prompts, groups, work, GENERATIONS, label)
 
     def likelihoods(
         self,
@@ -111,17 +96,10 @@ class Setup:
         label: str = "likelihood",
     ) -> list[float]:
         """``generation.sequence_logprobs`` through the stage cache, shared between ranks like ``generations``."""
-        size = self.cfg.generation.batch_size
         pairs = [p + "\x00" + c for p, c in zip(prompts, continuations)]
-        spec = {
-            "model": model_key,
-            "pairs": text_digest(pairs),
-            "n": len(pairs),
-            "batch_size": size,
-            "groups": text_digest(groups) if groups else None,
-        }
+        spec = {"model": model_key, "pairs": text_digest(pairs), "n": len(pairs)}
 
-        def work(mine: list[int], shared: list[int]) -> list[float]:
+        def work(mine: list[int], shared: list[int], size: int) -> list[float]:
             return sequence_logprobs(
                 model,
                 self.tokenizer,
@@ -132,16 +110,23 @@ class Setup:
                 shared=[shared[i] for i in mine],
             )
 
+        return self._batched("likelihoods", spec, prompts, groups, work, LOGPROBS, label)
+
+    def _batched(self, stage: str, spec: dict[str, Any], prompts, groups, work, file, label: str) -> list[Any]:
+        """``stages.cache.batched`` with the run's batch size, chunking and cache; the batch size and the
+        grouping complete the entry's spec."""
+        size = self.cfg.generation.batch_size
+        spec = {**spec, "batch_size": size, "groups": text_digest(groups) if groups else None}
         return batched(
             self.cache,
-            "likelihoods",
+            stage,
             spec,
             self.tokenizer,
             prompts,
             groups,
             size,
-            work,
-            LOGPROBS,
+            lambda mine, shared: work(mine, shared, size),
+            file,
             self.cfg.cache.chunk_batches,
             label,
         )
