@@ -142,7 +142,8 @@ def setup(cfg: DictConfig) -> Setup:
     out = Path(cfg.paths.output_dir)
     dataset: DataSource = instantiate(cfg.dataset)
     dataset.check()
-    source: ModelSource = instantiate(model_source(cfg))
+    source_cfg = model_source(cfg)  # resolved once: the source's arguments and its part of the model key
+    source: ModelSource = instantiate(source_cfg)
     source.check()
     prompter = instantiate(cfg.prompt, no_answer_phrases=tuple(cfg.prompt.no_answer_phrases))
     human = synthetic = None
@@ -178,8 +179,8 @@ def setup(cfg: DictConfig) -> Setup:
             splits[name], tokenizer, prompter, budget, around_answer=name != "test"
         )
     model_spec = {
-        "model": model_source(cfg),
-        "weights": base.fingerprint or weights_fingerprint(base.path, model_source(cfg).get("cache_dir")),
+        "model": source_cfg,
+        "weights": base.fingerprint or weights_fingerprint(base.path, source_cfg.get("cache_dir")),
         "code": code_versions(),
     }
     cache = StageCache(cfg.cache.dir, enabled=cfg.cache.enabled)
